@@ -1,0 +1,181 @@
+"""Usage in, Decimal fees out: the price arithmetic of SPEC "Billing and the ledger". Pure.
+
+Every amount is an exact Decimal product (no rounding): prices are decimal strings, token counts
+are integers, and a per-million price is applied with ``scaleb(-6)``, which never rounds.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from decimal import Context, Decimal, localcontext
+from typing import Any
+
+from sidecar.config import ModelConfig
+
+# When neither the request's max_tokens nor the model's max_output_tokens bound the answer, a
+# budget reservation assumes this many output tokens.
+DEFAULT_WORST_CASE_OUTPUT_TOKENS = 4096
+CHARS_PER_TOKEN = 4
+# Wide enough that no product of a token count and a price is ever rounded.
+_EXACT = Context(prec=60)
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """What one request consumed; ``input_tokens`` includes ``cached_tokens``, as OpenAI counts."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cached_tokens: int = 0
+    images: int = 0
+    seconds: Decimal = Decimal(0)
+    characters: int = 0
+
+    def ledger_fields(self) -> dict[str, object]:
+        seconds: object = int(self.seconds) if self.seconds == self.seconds.to_integral() else (
+            usd(self.seconds)
+        )
+        return {
+            "input_tokens": self.input_tokens,
+            "output_tokens": self.output_tokens,
+            "cached_tokens": self.cached_tokens,
+            "images": self.images,
+            "seconds": seconds,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Cost:
+    model_fee: Decimal
+    service_fee: Decimal
+    total: Decimal
+
+    def ledger_fields(self) -> dict[str, str]:
+        return {
+            "model_fee_usd": usd(self.model_fee),
+            "service_fee_usd": usd(self.service_fee),
+            "total_usd": usd(self.total),
+        }
+
+
+ZERO = Cost(Decimal(0), Decimal(0), Decimal(0))
+
+
+def _count(value: object) -> int:
+    """A token count from a JSON body: a non-negative int, anything else counts as 0."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        return 0
+    return max(value, 0)
+
+
+def _details(usage: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+    details = usage.get(key)
+    return details if isinstance(details, Mapping) else {}
+
+
+def _seconds(value: object) -> Decimal:
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        return Decimal(0)
+    try:
+        amount = Decimal(str(value))
+    except ArithmeticError:
+        return Decimal(0)
+    return amount if amount.is_finite() and amount > 0 else Decimal(0)
+
+
+def usage_from_openai(usage: Mapping[str, Any] | None) -> Usage | None:
+    """Read a response's ``usage`` object in any of the OpenAI shapes; None when there is none.
+
+    Chat/completions and embeddings use ``prompt_tokens``/``completion_tokens`` with
+    ``prompt_tokens_details.cached_tokens``; responses, images and audio use
+    ``input_tokens``/``output_tokens`` with ``input_tokens_details.cached_tokens``; audio
+    transcription billed by duration reports ``seconds``.
+    """
+    if not isinstance(usage, Mapping):
+        return None
+    if "prompt_tokens" in usage or "completion_tokens" in usage:
+        input_tokens = _count(usage.get("prompt_tokens"))
+        output_tokens = _count(usage.get("completion_tokens"))
+        cached = _count(_details(usage, "prompt_tokens_details").get("cached_tokens"))
+    else:
+        input_tokens = _count(usage.get("input_tokens"))
+        output_tokens = _count(usage.get("output_tokens"))
+        cached = _count(_details(usage, "input_tokens_details").get("cached_tokens"))
+    return Usage(
+        input_tokens=input_tokens,
+        output_tokens=output_tokens,
+        cached_tokens=min(cached, input_tokens),
+        seconds=_seconds(usage.get("seconds")),
+    )
+
+
+def _per_million(count: int, price: Decimal | None) -> Decimal:
+    return Decimal(0) if price is None or count == 0 else (count * price).scaleb(-6)
+
+
+def _times(count: int | Decimal, price: Decimal | None) -> Decimal:
+    return Decimal(0) if price is None or count == 0 else count * price
+
+
+def model_fee(usage: Usage, model: ModelConfig) -> Decimal:
+    """The provider's price for ``usage``: each consumed unit at its configured price."""
+    with localcontext(_EXACT):
+        cached = min(usage.cached_tokens, usage.input_tokens)
+        cached_price = model.cached_input_per_mtok
+        if cached_price is None:
+            cached_price = model.input_per_mtok
+        fee = _per_million(usage.input_tokens - cached, model.input_per_mtok)
+        fee += _per_million(cached, cached_price)
+        fee += _per_million(usage.output_tokens, model.output_per_mtok)
+        fee += _times(usage.images, model.per_image)
+        fee += _times(usage.seconds, model.per_second)
+        fee += _per_million(usage.characters, model.per_mchar)
+        return fee
+
+
+def cost(usage: Usage, model: ModelConfig, fee_rate: Decimal) -> Cost:
+    """Model fee, the service fee on top (``fee_rate`` x model fee), and their sum; exact."""
+    with localcontext(_EXACT):
+        fee = model_fee(usage, model)
+        service = fee * fee_rate
+        return Cost(model_fee=fee, service_fee=service, total=fee + service)
+
+
+def worst_case(
+    model: ModelConfig,
+    fee_rate: Decimal,
+    *,
+    input_tokens: int,
+    max_tokens: int | None,
+    images: int = 0,
+    seconds: Decimal = Decimal(0),
+    characters: int = 0,
+) -> Decimal:
+    """The most a request can cost, to reserve against a budget before it is sent.
+
+    Input is priced as uncached; output as ``max_tokens``, else the model's
+    ``max_output_tokens``, else ``DEFAULT_WORST_CASE_OUTPUT_TOKENS``.
+    """
+    output = max_tokens or model.max_output_tokens or DEFAULT_WORST_CASE_OUTPUT_TOKENS
+    usage = Usage(
+        input_tokens=max(input_tokens, 0),
+        output_tokens=output,
+        images=images,
+        seconds=seconds,
+        characters=characters,
+    )
+    return cost(usage, model, fee_rate).total
+
+
+def estimate_tokens(text: str) -> int:
+    """A rough token count (about four characters a token), for streams cut before usage came."""
+    return math.ceil(len(text) / CHARS_PER_TOKEN)
+
+
+def usd(amount: Decimal) -> str:
+    """A USD amount in plain notation without trailing zeros: ``"0.0000033166"``, ``"12"``."""
+    if amount == 0:
+        return "0"
+    return format(amount.normalize(_EXACT), "f")
