@@ -1,0 +1,146 @@
+"""The plan's requests-per-minute as a token bucket, and the cap on concurrent requests.
+
+Both are per process and per app: a reload builds new ones (or calls ``TokenBucket.resize``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Callable
+from types import TracebackType
+
+from sidecar import errors
+
+
+def format_duration(seconds: float) -> str:
+    """OpenAI's ``x-ratelimit-reset-*`` style: ``"0s"``, ``"250ms"``, ``"1.5s"``, ``"6m0s"``."""
+    ms = math.ceil(max(seconds, 0.0) * 1000)
+    if ms == 0:
+        return "0s"
+    if ms < 1000:
+        return f"{ms}ms"
+    minutes, rest_ms = divmod(ms, 60_000)
+    secs = f"{rest_ms / 1000:.3f}".rstrip("0").rstrip(".")
+    if minutes == 0:
+        return f"{secs}s"
+    hours, minutes = divmod(minutes, 60)
+    return (f"{hours}h" if hours else "") + f"{minutes}m{secs}s"
+
+
+class TokenBucket:
+    """Capacity ``rpm`` requests, refilled at ``rpm / 60`` per second; clock injected."""
+
+    def __init__(
+        self,
+        rpm: int,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        plan: str | None = None,
+    ) -> None:
+        if rpm <= 0:
+            raise ValueError("rpm must be positive")
+        self._clock = clock
+        self._plan = plan
+        self._rpm = rpm
+        self._tokens = float(rpm)
+        self._stamp = clock()
+
+    @property
+    def rpm(self) -> int:
+        return self._rpm
+
+    def _refill(self) -> None:
+        now = self._clock()
+        elapsed = max(now - self._stamp, 0.0)  # a clock that steps back must not drain us
+        self._tokens = min(float(self._rpm), self._tokens + elapsed * self._rpm / 60)
+        self._stamp = now
+
+    def _seconds_until(self, tokens: float) -> float:
+        return max(tokens - self._tokens, 0.0) * 60 / self._rpm
+
+    def take(self) -> None:
+        """Spend one request, or raise ``RateLimited`` (429) saying when one will be free."""
+        self._refill()
+        if self._tokens >= 1:
+            self._tokens -= 1
+            return
+        wait = self._seconds_until(1)
+        retry_after = max(1, math.ceil(wait))
+        raise errors.RateLimited(
+            f"Rate limit reached: {self._describe()} allows {self._rpm} requests per minute. "
+            f"Retry after {retry_after} second{'s' if retry_after != 1 else ''}, "
+            "or ask for a higher rpm in the plan.",
+            headers={"Retry-After": str(retry_after), **self._headers(reset_in=wait)},
+        )
+
+    def headers(self) -> dict[str, str]:
+        """The ``x-ratelimit-*`` headers for a response that passed."""
+        self._refill()
+        return self._headers(reset_in=self._seconds_until(self._rpm))
+
+    def _headers(self, *, reset_in: float) -> dict[str, str]:
+        return {
+            "x-ratelimit-limit-requests": str(self._rpm),
+            "x-ratelimit-remaining-requests": str(int(self._tokens)),
+            "x-ratelimit-reset-requests": format_duration(reset_in),
+        }
+
+    def _describe(self) -> str:
+        return f"the {self._plan} plan" if self._plan else "the account"
+
+    def resize(self, rpm: int, *, plan: str | None = None) -> None:
+        """Apply a reloaded rpm, keeping the share of the bucket that was left."""
+        if rpm <= 0:
+            raise ValueError("rpm must be positive")
+        self._refill()
+        self._tokens = self._tokens * rpm / self._rpm
+        self._rpm = rpm
+        self._plan = plan if plan is not None else self._plan
+
+
+class ConcurrencyCap:
+    """At most ``limit`` requests inside at once; the next ones wait their turn (FIFO).
+
+    Waiting instead of refusing is deliberate: a 429 would read as "the plan's RPM is spent"
+    and a 5xx would make the OpenAI SDK retry, adding load exactly when there is too much. The
+    client's own timeout bounds the wait, and a cancelled waiter leaves the queue cleanly.
+    """
+
+    def __init__(self, limit: int) -> None:
+        if limit <= 0:
+            raise ValueError("limit must be positive")
+        self._limit = limit
+        self._semaphore = asyncio.Semaphore(limit)
+        self._waiting = 0
+        self._in_flight = 0
+
+    @property
+    def limit(self) -> int:
+        return self._limit
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    @property
+    def waiting(self) -> int:
+        return self._waiting
+
+    async def __aenter__(self) -> None:
+        self._waiting += 1
+        try:
+            await self._semaphore.acquire()
+        finally:
+            self._waiting -= 1
+        self._in_flight += 1
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._in_flight -= 1
+        self._semaphore.release()
