@@ -102,9 +102,7 @@ def _preference_bound(provider: ProviderConfig, prefs: PreferencesConfig) -> str
 def _narrowing_bound(provider: ProviderConfig, narrowing: Narrowing) -> str | None:
     if narrowing.providers is not None and provider.name not in narrowing.providers:
         return f"{PROVIDERS_HEADER}: {','.join(narrowing.providers)}"
-    if narrowing.regions is not None and provider.region.casefold() not in _fold(
-        narrowing.regions
-    ):
+    if narrowing.regions is not None and provider.region.casefold() not in _fold(narrowing.regions):
         return f"{REGIONS_HEADER}: {','.join(narrowing.regions)}"
     return None
 
