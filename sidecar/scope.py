@@ -295,7 +295,7 @@ class Catalog:
     def _model_outside_message(self, requested: str, models: tuple[str, ...]) -> str:
         bounds = sorted({b for m in models if (b := _model_bound(m, self._prefs))})
         subject = requested if models == (requested,) else f"{requested} ({', '.join(models)})"
-        inside = self._models_inside(Narrowing(), None)
+        inside = sorted(self._models_inside(Narrowing(), None))
         return (
             f"{subject} is outside the bounds: {'; '.join(bounds)}. "
             + (f"Models inside the bounds: {', '.join(inside)}." if inside else "")
@@ -323,7 +323,7 @@ class Catalog:
         return f"{subject} is served by {_join(list(providers))}; {reasons}."
 
     def _alternatives(self, narrowing: Narrowing, kinds: frozenset[str] | None) -> str:
-        inside = self._models_inside(narrowing, kinds)
+        inside = sorted(self._models_inside(narrowing, kinds))
         if not inside:
             return " No model is served inside the bounds; widen [preferences] or the headers."
         return f" Models served inside the bounds: {', '.join(inside)}."
