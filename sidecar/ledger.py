@@ -1,0 +1,492 @@
+"""The append-only cost ledger: one writer task, a SHA-256 hash chain, fsync policy, rotation.
+
+Every record is one JSON line whose ``prev`` is the SHA-256 (hex) of the previous line's bytes,
+newline included. Handlers call ``append()``; it returns once the line is written to the OS (and
+fsynced under ``fsync = "always"``), so a handler that awaits it before sending the last byte
+never delivers an unrecorded answer, even under SIGKILL.
+
+Lines queued while a write or fsync runs go out together in the next write (group commit), and
+every write, fsync and rename runs in a worker thread, never on the event loop. A write or fsync
+error makes the ledger unavailable (handlers answer 503 ``ledger_unavailable``) until the file
+can be written again: the writer reopens it, repairs its tail and probes the disk every
+``retry_s``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import fcntl
+import hashlib
+import os
+import re
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, Final
+
+import orjson
+
+from sidecar.billing import usd
+from sidecar.config import LedgerConfig
+from sidecar.errors import LedgerUnavailable
+from sidecar.log import get_logger
+
+LEDGER_VERSION: Final = 1
+GENESIS: Final = "0" * 64
+_TAIL_WINDOW = 1 << 20
+_PROBE_BYTES = 4096
+_OPEN_FLAGS = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def rotated_path(path: Path, number: int) -> Path:
+    return path.with_name(f"{path.name}.{number:06d}")
+
+
+def rotated_numbers(path: Path) -> list[int]:
+    """The numbers of the rotated files beside ``path`` (``<path>.000001`` ...), ascending."""
+    pattern = re.compile(re.escape(path.name) + r"\.(\d{6,})")
+    try:
+        names = os.listdir(path.parent)
+    except FileNotFoundError:
+        return []
+    return sorted(int(m.group(1)) for n in names if (m := pattern.fullmatch(n)))
+
+
+def format_ts(moment: datetime) -> str:
+    """UTC ISO-8601 with milliseconds and ``Z``: ``2025-01-31T23:59:59.123Z``."""
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def line_hash(line: bytes) -> str:
+    return hashlib.sha256(line).hexdigest()
+
+
+def _json_default(value: object) -> object:
+    if isinstance(value, Decimal):
+        return usd(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def _is_record(line: bytes) -> bool:
+    try:
+        parsed = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return False
+    return isinstance(parsed, dict) and isinstance(parsed.get("prev"), str)
+
+
+def _last_record(data: bytes) -> tuple[int, bytes | None]:
+    """(end offset of the last whole, parseable line in ``data``, that line) or (0, None)."""
+    end = len(data)
+    while end > 0:
+        newline = data.rfind(b"\n", 0, end)
+        if newline < 0:
+            return 0, None
+        start = data.rfind(b"\n", 0, newline) + 1
+        line = data[start : newline + 1]
+        if _is_record(line):
+            return newline + 1, line
+        end = start
+    return 0, None
+
+
+def find_tail(fd: int) -> tuple[int, int, bytes | None]:
+    """(file size, offset where the valid lines end, last valid line) of an open ledger file.
+
+    Reads backwards in growing windows, so a 100 MB file costs one small read.
+    """
+    size = os.fstat(fd).st_size
+    window = _TAIL_WINDOW
+    while True:
+        base = max(0, size - window)
+        data = os.pread(fd, size - base, base)
+        if base > 0:
+            # Start at a line boundary: drop the partial first line of the window.
+            first = data.find(b"\n")
+            if first < 0:
+                window *= 2
+                continue
+            base += first + 1
+            data = data[first + 1 :]
+        end, line = _last_record(data)
+        if line is not None or base == 0:
+            return size, base + end, line
+        window *= 2
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class LedgerLocked(Exception):
+    """Another daemon holds the ledger; ``str()`` is the one line printed at start."""
+
+    def __init__(self, path: Path, lock_path: Path) -> None:
+        super().__init__(path, lock_path)
+        self.path = path
+        self.lock_path = lock_path
+
+    def __str__(self) -> str:
+        return (
+            f"{self.path}: another tokenhub-sidecar is using this ledger (it holds "
+            f"{self.lock_path}); stop that daemon or set ledger.path to a different file"
+        )
+
+
+class _WriteFailed(Exception):
+    def __init__(self, written: int, cause: OSError) -> None:
+        super().__init__(written, cause)
+        self.written = written
+        self.cause = cause
+
+
+_Item = tuple[bytes, "asyncio.Future[None]"]
+_STOP: Final = None
+
+
+class Ledger:
+    """The single writer of one ledger file (and its rotated predecessors)."""
+
+    def __init__(
+        self,
+        config: LedgerConfig,
+        *,
+        clock: Callable[[], datetime] = _utc_now,
+        write: Callable[[int, bytes], int] = os.write,
+        fsync: Callable[[int], None] = os.fsync,
+        retry_s: float = 1.0,
+        observe: Callable[[float], None] | None = None,
+    ) -> None:
+        self._config = config
+        self._path = config.path
+        self._lock_path = config.path.with_name(config.path.name + ".lock")
+        self._clock = clock
+        self._write = write
+        self._fsync = fsync
+        self._retry_s = retry_s
+        self._observe = observe
+        self._queue: asyncio.Queue[_Item | None] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self._fd = -1
+        self._lock_fd = -1
+        self._size = 0
+        self._last_hash = GENESIS
+        self._dirty = False
+        self._available = False
+        self._last_sync = 0.0
+        self._failed_at = 0.0
+        self._log = get_logger("sidecar.ledger")
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    @property
+    def available(self) -> bool:
+        return self._available
+
+    @property
+    def last_hash(self) -> str:
+        return self._last_hash
+
+    async def open(self) -> None:
+        """Take the lock, repair a torn tail, find the chain's head and start the writer."""
+        await asyncio.to_thread(self._open_sync)
+        self._available = True
+        self._last_sync = asyncio.get_running_loop().time()
+        self._task = asyncio.create_task(self._run(), name="ledger-writer")
+
+    async def close(self) -> None:
+        """Write what is queued, fsync, close the file and release the lock."""
+        if self._task is None or self._closing:
+            return
+        self._closing = True
+        self._queue.put_nowait(_STOP)
+        await self._task
+        await asyncio.to_thread(self._close_sync)
+
+    async def append(self, record: Mapping[str, Any]) -> None:
+        """Add ``v``, ``ts`` and ``prev`` and append the line; see the module docstring."""
+        if self._task is None or self._closing:
+            raise LedgerUnavailable("the ledger is not open; requests are refused until it is")
+        fields: dict[str, Any] = {"v": LEDGER_VERSION, "ts": format_ts(self._clock())}
+        fields.update(record)
+        fields.pop("prev", None)
+        body = orjson.dumps(fields, default=_json_default)
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait((body, future))
+        await future
+
+    # -- the writer task ------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                item = await asyncio.wait_for(self._queue.get(), self._wait_s())
+            except TimeoutError:
+                await self._tick()
+                continue
+            batch, stop = self._drain(item)
+            if batch:
+                await self._commit(batch)
+            if stop:
+                return
+
+    def _drain(self, first: _Item | None) -> tuple[list[_Item], bool]:
+        batch: list[_Item] = []
+        item = first
+        while True:
+            if item is _STOP:
+                return batch, True
+            batch.append(item)
+            if self._queue.empty():
+                return batch, False
+            item = self._queue.get_nowait()
+
+    def _wait_s(self) -> float | None:
+        now = asyncio.get_running_loop().time()
+        if not self._available:
+            return max(0.0, self._failed_at + self._retry_s - now)
+        if self._config.fsync == "interval" and self._dirty:
+            return max(0.0, self._last_sync + self._config.fsync_interval_ms / 1000 - now)
+        return None
+
+    async def _tick(self) -> None:
+        if not self._available:
+            await self._try_recover(probe=True)
+        elif self._dirty:
+            try:
+                await asyncio.to_thread(self._sync_sync)
+            except OSError as exc:
+                self._fail(exc)
+            self._last_sync = asyncio.get_running_loop().time()
+
+    async def _commit(self, batch: list[_Item]) -> None:
+        if not self._available and not await self._try_recover(probe=False):
+            self._resolve(batch, 0)
+            return
+        lines, head = self._chain(batch)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        try:
+            await asyncio.to_thread(self._write_sync, lines)
+        except _WriteFailed as failed:
+            self._fail(failed.cause)
+            self._resolve(batch, failed.written)
+            return
+        self._last_hash = head
+        if self._observe is not None:
+            self._observe(loop.time() - started)
+        self._resolve(batch, len(batch))
+
+    def _chain(self, batch: list[_Item]) -> tuple[list[bytes], str]:
+        head = self._last_hash
+        lines = []
+        for body, _ in batch:
+            line = b"%s,\"prev\":\"%s\"}\n" % (body[:-1], head.encode())
+            head = line_hash(line)
+            lines.append(line)
+        return lines, head
+
+    def _resolve(self, batch: list[_Item], written: int) -> None:
+        for index, (_, future) in enumerate(batch):
+            if future.done():  # the caller was cancelled; its line is written all the same
+                continue
+            if index < written:
+                future.set_result(None)
+            else:
+                future.set_exception(
+                    LedgerUnavailable(
+                        "the ledger cannot be written (disk full or I/O error); model requests "
+                        f"are refused until {self._path} is writable again"
+                    )
+                )
+
+    def _fail(self, exc: OSError) -> None:
+        if self._available:
+            self._log.error("ledger_unavailable", path=str(self._path), error=str(exc))
+        self._available = False
+        self._failed_at = asyncio.get_running_loop().time()
+
+    async def _try_recover(self, *, probe: bool) -> bool:
+        try:
+            await asyncio.to_thread(self._recover_sync, probe)
+        except OSError as exc:
+            self._fail(exc)
+            return False
+        self._available = True
+        self._last_sync = asyncio.get_running_loop().time()
+        self._log.info("ledger_available", path=str(self._path))
+        return True
+
+    # -- blocking parts, run in a worker thread ---------------------------------------------
+
+    def _open_sync(self) -> None:
+        self._path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._lock()
+        try:
+            self._open_file()
+        except BaseException:
+            self._unlock()
+            raise
+
+    def _lock(self) -> None:
+        fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise LedgerLocked(self._path, self._lock_path) from None
+        self._lock_fd = fd
+
+    def _unlock(self) -> None:
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)  # closing the last descriptor releases the flock
+            self._lock_fd = -1
+
+    def _open_file(self) -> None:
+        fd = os.open(self._path, _OPEN_FLAGS, 0o600)
+        try:
+            size, end, last = find_tail(fd)
+            if end < size:
+                self._move_torn(fd, end, size)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd, self._size = fd, end
+        self._last_hash = line_hash(last) if last is not None else self._previous_head()
+        self._dirty = False
+
+    def _move_torn(self, fd: int, end: int, size: int) -> None:
+        torn = os.pread(fd, size - end, end)
+        torn_path = self._path.with_name(self._path.name + ".torn")
+        out = os.open(torn_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(out, torn if torn.endswith(b"\n") else torn + b"\n")
+            os.fsync(out)
+        finally:
+            os.close(out)
+        os.ftruncate(fd, end)
+        self._fsync(fd)
+        self._log.warning(
+            "ledger_torn_tail_moved", path=str(self._path), bytes=size - end, to=str(torn_path)
+        )
+
+    def _previous_head(self) -> str:
+        """The hash of the last line of the newest rotated file, or 64 zeros."""
+        numbers = rotated_numbers(self._path)
+        if not numbers:
+            return GENESIS
+        fd = os.open(rotated_path(self._path, numbers[-1]), os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            _, _, last = find_tail(fd)
+        finally:
+            os.close(fd)
+        return line_hash(last) if last is not None else GENESIS
+
+    def _write_sync(self, lines: list[bytes]) -> None:
+        written = 0
+        group: list[bytes] = []
+        pending = 0
+        try:
+            for line in lines:
+                full = self._size + pending + len(line) > self._config.rotate_bytes
+                if full and self._size + pending > 0:
+                    self._write_group(b"".join(group))
+                    self._rotate()
+                    written += len(group)
+                    group, pending = [], 0
+                group.append(line)
+                pending += len(line)
+            self._write_group(b"".join(group))
+            if self._config.fsync == "always":
+                self._sync_sync()
+        except OSError as exc:
+            raise _WriteFailed(written, exc) from exc
+
+    def _write_group(self, data: bytes) -> None:
+        if not data:
+            return
+        if self._fd < 0:
+            raise OSError(errno.EBADF, "the ledger file is not open")
+        start = self._size
+        done = 0
+        try:
+            while done < len(data):
+                count = self._write(self._fd, data[done:] if done else data)
+                if count <= 0:
+                    raise OSError(errno.EIO, "the ledger write made no progress")
+                done += count
+        except OSError:
+            # No partial line stays behind: O_APPEND writes go to the end we truncate to.
+            try:
+                os.ftruncate(self._fd, start)
+            except OSError:
+                pass
+            raise
+        self._size += len(data)
+        self._dirty = True
+
+    def _sync_sync(self) -> None:
+        self._fsync(self._fd)
+        self._dirty = False
+
+    def _rotate(self) -> None:
+        self._fsync(self._fd)
+        os.close(self._fd)
+        self._fd = -1
+        number = max(rotated_numbers(self._path), default=0) + 1
+        os.rename(self._path, rotated_path(self._path, number))
+        self._fd = os.open(self._path, _OPEN_FLAGS | os.O_EXCL, 0o600)
+        self._size = 0
+        self._dirty = False
+        _fsync_dir(self._path.parent)
+        self._log.info("ledger_rotated", path=str(self._path), number=number)
+
+    def _recover_sync(self, probe: bool) -> None:
+        if probe:
+            self._probe()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        self._open_file()
+
+    def _probe(self) -> None:
+        """Write, fsync and remove a small file beside the ledger: is the disk writable again?"""
+        probe_path = self._path.with_name(self._path.name + ".probe")
+        fd = os.open(probe_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            data = b"\0" * _PROBE_BYTES
+            done = 0
+            while done < len(data):
+                done += self._write(fd, data[done:])
+            self._fsync(fd)
+        finally:
+            os.close(fd)
+            probe_path.unlink(missing_ok=True)
+
+    def _close_sync(self) -> None:
+        try:
+            if self._fd >= 0:
+                if self._dirty:
+                    self._fsync(self._fd)
+                os.close(self._fd)
+        except OSError as exc:
+            self._log.error("ledger_close_failed", path=str(self._path), error=str(exc))
+        finally:
+            self._fd = -1
+            self._available = False
+            self._unlock()

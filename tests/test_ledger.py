@@ -1,0 +1,263 @@
+import asyncio
+import errno
+import hashlib
+import os
+import stat
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from sidecar.config import LedgerConfig
+from sidecar.errors import LedgerUnavailable
+from sidecar.ledger import GENESIS, Ledger, LedgerLocked, rotated_path
+
+NOW = datetime(2025, 3, 4, 5, 6, 7, 891234, tzinfo=UTC)
+
+
+def fixed_clock() -> datetime:
+    return NOW
+
+
+def record(i: int, **extra: Any) -> dict[str, Any]:
+    return {"request_id": f"req-{i}", "outcome": "ok", "total_usd": "0.001", **extra}
+
+
+def read_chain(path: Path) -> list[dict[str, Any]]:
+    """Every record of the ledger (rotated files first), asserting the hash chain."""
+    numbered = sorted(path.parent.glob(path.name + ".[0-9][0-9][0-9][0-9][0-9][0-9]"))
+    records = []
+    head = GENESIS
+    for file in [*numbered, path]:
+        for line in file.read_bytes().splitlines(keepends=True):
+            parsed = orjson.loads(line)
+            assert parsed["prev"] == head, f"chain broken in {file.name}"
+            head = hashlib.sha256(line).hexdigest()
+            records.append(parsed)
+    return records
+
+
+class Seams:
+    """The file layer's write and fsync, with switchable failures (a full disk, an EIO)."""
+
+    def __init__(self) -> None:
+        self.fail_write: int | None = None  # errno to raise
+        self.short_then_fail = False
+        self.fail_fsync = False
+        self.fsyncs = 0
+
+    def write(self, fd: int, data: bytes) -> int:
+        if self.short_then_fail:
+            self.short_then_fail = False
+            self.fail_write = errno.ENOSPC
+            return os.write(fd, data[: len(data) // 2])
+        if self.fail_write is not None:
+            raise OSError(self.fail_write, os.strerror(self.fail_write))
+        return os.write(fd, data)
+
+    def fsync(self, fd: int) -> None:
+        if self.fail_fsync:
+            raise OSError(errno.EIO, "Input/output error")
+        self.fsyncs += 1
+        os.fsync(fd)
+
+
+@pytest.fixture
+async def make_ledger(tmp_path: Path) -> AsyncIterator[Callable[..., Ledger]]:
+    opened: list[Ledger] = []
+
+    def make(**config: Any) -> Ledger:
+        seams: Seams | None = config.pop("seams", None)
+        kwargs: dict[str, Any] = {"clock": fixed_clock, "retry_s": 0.01}
+        if seams is not None:
+            kwargs.update(write=seams.write, fsync=seams.fsync)
+        settings = LedgerConfig(path=tmp_path / "ledger.jsonl", **config)
+        ledger = Ledger(settings, **kwargs)
+        opened.append(ledger)
+        return ledger
+
+    yield make
+    for ledger in opened:
+        await ledger.close()
+
+
+async def wait_until(condition: Callable[[], bool]) -> None:
+    for _ in range(500):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition never became true")
+
+
+async def test_append_adds_v_ts_and_chain(make_ledger: Callable[..., Ledger]) -> None:
+    ledger = make_ledger()
+    await ledger.open()
+    await ledger.append(record(1, model_fee_usd=Decimal("3.3166E-6")))
+    await ledger.append(record(2, prev="ignored"))
+    records = read_chain(ledger.path)
+    assert [r["request_id"] for r in records] == ["req-1", "req-2"]
+    assert records[0]["v"] == 1
+    assert records[0]["ts"] == "2025-03-04T05:06:07.891Z"
+    assert records[0]["prev"] == GENESIS
+    assert records[0]["model_fee_usd"] == "0.0000033166"
+    assert list(records[0])[:2] == ["v", "ts"] and list(records[0])[-1] == "prev"
+    assert stat.S_IMODE(ledger.path.stat().st_mode) == 0o600
+
+
+async def test_concurrent_appends_keep_file_order_equal_chain_order(
+    make_ledger: Callable[..., Ledger],
+) -> None:
+    seams = Seams()
+    ledger = make_ledger(fsync="always", seams=seams)
+    await ledger.open()
+    await asyncio.gather(*(ledger.append(record(i)) for i in range(200)))
+    records = read_chain(ledger.path)
+    assert sorted(r["request_id"] for r in records) == sorted(f"req-{i}" for i in range(200))
+    assert 1 <= seams.fsyncs < 200  # group commit: one fsync per batch, not per line
+
+
+async def test_fsync_policies(make_ledger: Callable[..., Ledger], tmp_path: Path) -> None:
+    never = Seams()
+    ledger = make_ledger(fsync="never", seams=never)
+    await ledger.open()
+    for i in range(5):
+        await ledger.append(record(i))
+    assert never.fsyncs == 0
+    await ledger.close()
+    assert never.fsyncs == 1  # close flushes
+
+    interval = Seams()
+    ledger = make_ledger(fsync="interval", fsync_interval_ms=10, seams=interval)
+    await ledger.open()
+    await ledger.append(record(9))
+    await wait_until(lambda: interval.fsyncs >= 1)
+
+
+async def test_torn_tail_is_moved_aside_and_chain_goes_on(
+    make_ledger: Callable[..., Ledger],
+) -> None:
+    ledger = make_ledger()
+    await ledger.open()
+    await ledger.append(record(1))
+    await ledger.append(record(2))
+    await ledger.close()
+    whole = ledger.path.read_bytes()
+    torn = b"\0\0\0\0\n" + b'{"v":1,"ts":"2025-03-04T05:06:07.891Z","request_id":"re'
+    with ledger.path.open("ab") as f:
+        f.write(torn)
+
+    reopened = make_ledger()
+    await reopened.open()
+    assert ledger.path.read_bytes() == whole
+    torn_file = ledger.path.with_name("ledger.jsonl.torn")
+    assert torn_file.read_bytes() == torn + b"\n"
+    assert stat.S_IMODE(torn_file.stat().st_mode) == 0o600
+    await reopened.append(record(3))
+    assert [r["request_id"] for r in read_chain(ledger.path)] == ["req-1", "req-2", "req-3"]
+
+
+async def test_all_garbage_file_starts_a_fresh_chain(make_ledger: Callable[..., Ledger]) -> None:
+    ledger = make_ledger()
+    ledger.path.write_bytes(b"\0" * 5000)
+    await ledger.open()
+    await ledger.append(record(1))
+    assert read_chain(ledger.path)[0]["prev"] == GENESIS
+
+
+async def test_second_daemon_is_locked_out(make_ledger: Callable[..., Ledger]) -> None:
+    first = make_ledger()
+    await first.open()
+    second = make_ledger()
+    with pytest.raises(LedgerLocked) as caught:
+        await second.open()
+    message = str(caught.value)
+    assert "\n" not in message
+    assert str(first.path) in message and "another tokenhub-sidecar" in message
+    await first.close()
+    await second.open()
+    await second.append(record(1))
+
+
+async def test_rotation_continues_the_chain(make_ledger: Callable[..., Ledger]) -> None:
+    ledger = make_ledger(rotate_bytes=4096)
+    await ledger.open()
+    padding = "x" * 300
+    for i in range(40):
+        await ledger.append(record(i, pad=padding))
+    await asyncio.gather(*(ledger.append(record(100 + i, pad=padding)) for i in range(20)))
+    assert rotated_path(ledger.path, 1).exists() and rotated_path(ledger.path, 4).exists()
+    for file in ledger.path.parent.glob("ledger.jsonl.0*"):
+        assert file.stat().st_size <= 4096
+        assert stat.S_IMODE(file.stat().st_mode) == 0o600
+    assert len(read_chain(ledger.path)) == 60
+    await ledger.close()
+
+    # Restarting right after a rotation (empty live file) chains to the rotated file.
+    ledger.path.write_bytes(b"")
+    reopened = make_ledger(rotate_bytes=4096)
+    await reopened.open()
+    await reopened.append(record(999))
+    assert read_chain(ledger.path)[-1]["request_id"] == "req-999"
+
+
+async def test_disk_full_refuses_then_recovers(make_ledger: Callable[..., Ledger]) -> None:
+    seams = Seams()
+    ledger = make_ledger(seams=seams)
+    await ledger.open()
+    await ledger.append(record(1))
+    before = ledger.path.read_bytes()
+
+    seams.short_then_fail = True  # half a line reaches the file, then ENOSPC
+    with pytest.raises(LedgerUnavailable):
+        await ledger.append(record(2))
+    assert not ledger.available
+    assert ledger.path.read_bytes() == before  # the partial line was cut off again
+    with pytest.raises(LedgerUnavailable):
+        await ledger.append(record(3))
+    assert ledger.path.read_bytes() == before
+
+    seams.fail_write = None  # space is freed
+    await wait_until(lambda: ledger.available)
+    await ledger.append(record(4))
+    assert [r["request_id"] for r in read_chain(ledger.path)] == ["req-1", "req-4"]
+    assert not ledger.path.with_name("ledger.jsonl.probe").exists()
+
+
+async def test_fsync_error_makes_ledger_unavailable(make_ledger: Callable[..., Ledger]) -> None:
+    seams = Seams()
+    ledger = make_ledger(fsync="always", seams=seams)
+    await ledger.open()
+    seams.fail_fsync = True
+    with pytest.raises(LedgerUnavailable):
+        await ledger.append(record(1))
+    assert not ledger.available
+    await asyncio.sleep(0.05)
+    assert not ledger.available  # the probe's fsync fails too
+    seams.fail_fsync = False
+    await wait_until(lambda: ledger.available)
+    await ledger.append(record(2))
+    assert read_chain(ledger.path)[-1]["request_id"] == "req-2"
+
+
+async def test_cancelled_caller_still_gets_its_line(make_ledger: Callable[..., Ledger]) -> None:
+    ledger = make_ledger()
+    await ledger.open()
+    task = asyncio.create_task(ledger.append(record(1)))
+    await asyncio.sleep(0)
+    task.cancel()
+    await ledger.append(record(2))
+    assert [r["request_id"] for r in read_chain(ledger.path)] == ["req-1", "req-2"]
+
+
+async def test_append_after_close_is_refused(make_ledger: Callable[..., Ledger]) -> None:
+    ledger = make_ledger()
+    with pytest.raises(LedgerUnavailable):
+        await ledger.append(record(1))
+    await ledger.open()
+    await ledger.close()
+    with pytest.raises(LedgerUnavailable):
+        await ledger.append(record(1))
