@@ -1,0 +1,286 @@
+"""``create_app(settings)``: the routes, the middlewares and every resource's lifetime."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
+from decimal import Decimal
+from functools import partial
+
+from aiohttp import web
+
+from . import security
+from .budget import Budget
+from .cache import ResponseCache, SingleFlight
+from .config import Settings
+from .errors import MethodNotAllowed, NotFound, RequestTooLarge, SidecarError
+from .handlers import model, models, operator
+from .handlers.context import INFO, new_request_info
+from .health import HealthBook, Prober
+from .ledger import Ledger
+from .log import Redactor, get_logger
+from .metrics import Metrics
+from .ratelimit import TokenBucket
+from .relay import Relay
+from .scope import Catalog
+from .state import LIVE, Live, Runtime
+from .upstream import Upstream
+from .usage import spent_since
+from .wire import error_body
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+# Liveness and readiness answer any caller (kubelet probes use the pod IP as Host).
+OPEN_PATHS = frozenset({"/-/health", "/-/ready"})
+
+LEDGER = web.AppKey("ledger", Ledger)
+BUDGET = web.AppKey("budget", Budget)
+METRICS = web.AppKey("metrics", Metrics)
+SETTINGS = web.AppKey("settings", Settings)
+BACKGROUND = web.AppKey("background", set[asyncio.Task[None]])
+
+
+def redactor_for(settings: Settings) -> Redactor:
+    secrets = [p.api_key.get_secret_value() for p in settings.providers if p.api_key is not None]
+    secrets += [t.get_secret_value() for t in settings.server.client_tokens]
+    return Redactor(secrets)
+
+
+def fee_rate(settings: Settings) -> Decimal:
+    return settings.account.service_fee_rate
+
+
+def build_runtime(
+    settings: Settings, *, ledger: Ledger, budget: Budget, metrics: Metrics
+) -> Runtime:
+    """Everything that one config decides; cheap enough to rebuild on every reload."""
+    health = HealthBook(settings.providers)
+    upstreams = {p.name: Upstream(p, settings.routing) for p in settings.providers}
+    return Runtime(
+        settings=settings,
+        catalog=Catalog(settings),
+        health=health,
+        upstreams=upstreams,
+        relay=Relay(
+            upstreams,
+            health,
+            first_token_timeout_s=settings.routing.first_token_timeout_s,
+            idle_timeout_s=settings.routing.idle_timeout_s,
+        ),
+        cache=ResponseCache(settings.cache),
+        flights=SingleFlight(),
+        bucket=TokenBucket(settings.account.effective_rpm),
+        ledger=ledger,
+        budget=budget,
+        metrics=metrics,
+        redactor=redactor_for(settings),
+        fee_rate=fee_rate(settings),
+    )
+
+
+def keep_task(app: web.Application, coro: Awaitable[None], name: str) -> asyncio.Task[None]:
+    """Start a background task the app holds a reference to until it ends."""
+    tasks = app[BACKGROUND]
+    task: asyncio.Task[None] = asyncio.ensure_future(coro)
+    task.set_name(name)
+    tasks.add(task)
+    task.add_done_callback(tasks.discard)
+    return task
+
+
+async def swap_runtime(app: web.Application, settings: Settings) -> None:
+    """SIGHUP: the new config serves new requests; the old one finishes what it started."""
+    live = app[LIVE]
+    old = live.current
+    live.current = build_runtime(
+        settings, ledger=app[LEDGER], budget=app[BUDGET], metrics=app[METRICS]
+    )
+    old.retired = True
+
+    async def retire() -> None:
+        await old.wait_idle()
+        await old.close_upstreams()
+
+    keep_task(app, retire(), "retire-runtime")
+
+
+async def _ledger_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    ledger = app[LEDGER]
+    await ledger.open()
+    budget = app[BUDGET]
+    if settings.budget.daily_usd is not None or settings.budget.monthly_usd is not None:
+        now = datetime.now(UTC)
+        day = now.replace(hour=0, minute=0, second=0, microsecond=0)
+        day_spent, month_spent = await asyncio.to_thread(
+            spent_since, settings.ledger.path, day, day.replace(day=1)
+        )
+        budget.seed(day_spent, month_spent)
+    try:
+        yield
+    finally:
+        await ledger.close()
+
+
+async def _runtime_ctx(app: web.Application) -> AsyncIterator[None]:
+    app[LIVE] = Live(
+        build_runtime(app[SETTINGS], ledger=app[LEDGER], budget=app[BUDGET], metrics=app[METRICS])
+    )
+    try:
+        yield
+    finally:
+        for task in list(app[BACKGROUND]):
+            task.cancel()
+        await asyncio.gather(*app[BACKGROUND], return_exceptions=True)
+        await app[LIVE].current.close_upstreams()
+
+
+async def _prober_ctx(app: web.Application) -> AsyncIterator[None]:
+    interval = app[SETTINGS].routing.probe_interval_s
+    if interval > 0:
+        runtime = app[LIVE].current
+
+        async def probe(name: str) -> bool:
+            upstream = app[LIVE].current.upstreams.get(name)
+            return upstream is not None and await upstream.probe()
+
+        keep_task(app, Prober(runtime.health, probe, interval).run(), "health-probes")
+    yield
+
+
+@web.middleware
+async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Request id, security checks, error rendering and the one log line per request."""
+    info = new_request_info(request)
+    runtime = request.app[LIVE].current
+    response: web.StreamResponse | None = None
+    try:
+        if request.path not in OPEN_PATHS:
+            server = runtime.settings.server
+            security.check_host(request.headers.get("Host"), server.allowed_hosts)
+            security.check_origin(request.headers.get("Origin"), server.allowed_origins)
+            info.client_token_id = security.check_client_token(
+                request.headers.get("Authorization"), server.client_tokens
+            )
+            if request.content_length and request.content_length > server.max_body_bytes:
+                raise _too_large(server.max_body_bytes)
+        response = await handler(request)
+        return response
+    except SidecarError as exc:
+        response = _error_response(exc, runtime.redactor)
+        return response
+    except web.HTTPException as exc:
+        response = _error_response(_from_http(exc, runtime.settings.server.max_body_bytes), runtime.redactor)
+        return response
+    except asyncio.CancelledError:
+        info.status = 499
+        raise
+    except Exception as exc:
+        get_logger().error("unhandled error", request_id=info.request_id, error=repr(exc))
+        response = _error_response(_internal_error(), runtime.redactor)
+        return response
+    finally:
+        _log_line(request, response)
+
+
+def _too_large(limit: int) -> RequestTooLarge:
+    return RequestTooLarge(
+        f"The request body is larger than server.max_body_bytes ({limit} bytes); "
+        "send a smaller body or raise the limit in the config."
+    )
+
+
+def _from_http(exc: web.HTTPException, limit: int) -> SidecarError:
+    if isinstance(exc, web.HTTPRequestEntityTooLarge):
+        return _too_large(limit)
+    if isinstance(exc, web.HTTPMethodNotAllowed):
+        return MethodNotAllowed(
+            f"{exc.method} is not allowed here; use {', '.join(sorted(exc.allowed_methods))}."
+        )
+    if isinstance(exc, web.HTTPNotFound):
+        return NotFound(
+            "No such endpoint; the OpenAI API is served under /v1 (e.g. POST /v1/chat/completions)."
+        )
+    error = SidecarError(exc.reason)
+    error.status = exc.status
+    return error
+
+
+def _internal_error() -> SidecarError:
+    error = SidecarError(
+        "The sidecar hit an internal error; the details are in its log. Retry the request."
+    )
+    error.status, error.type, error.code = 500, "server_error", "internal_error"
+    return error
+
+
+def _error_response(exc: SidecarError, redactor: Redactor) -> web.Response:
+    response = web.Response(
+        status=exc.status,
+        body=error_body(redactor(exc.message), type=exc.type, code=exc.code, param=exc.param),
+        content_type="application/json",
+    )
+    response.headers.update(exc.headers)
+    return response
+
+
+def _log_line(request: web.Request, response: web.StreamResponse | None) -> None:
+    info = request[INFO]
+    status = info.status or (response.status if response is not None else 499)
+    latency_ms = round((time.monotonic() - info.started) * 1000, 2)
+    runtime = request.app[LIVE].current
+    runtime.metrics.observe_request(
+        request.path, info.model or info.requested or "", info.provider or "", status
+    )
+    get_logger().info(
+        "request",
+        request_id=info.request_id,
+        method=request.method,
+        path=request.path,
+        model=info.model or info.requested,
+        provider=info.provider,
+        status=status,
+        latency_ms=latency_ms,
+        attempts=info.attempts,
+    )
+
+
+async def _stamp_headers(request: web.Request, response: web.StreamResponse) -> None:
+    info = request.get(INFO)
+    if info is not None:
+        response.headers["X-Request-Id"] = info.request_id
+        if info.status is None:
+            info.status = response.status
+
+
+def create_app(settings: Settings, *, ledger: Ledger | None = None) -> web.Application:
+    """The daemon's aiohttp application; resources open on startup and close on cleanup."""
+    app = web.Application(
+        middlewares=[guard],
+        client_max_size=settings.server.max_body_bytes,
+        handler_args={"max_field_size": 16384, "max_line_size": 16384},
+    )
+    app[SETTINGS] = settings
+    app[LEDGER] = ledger or Ledger(settings.ledger)
+    app[BUDGET] = Budget(settings.budget)
+    app[METRICS] = Metrics()
+    app[BACKGROUND] = set()
+    app.cleanup_ctx.extend([_ledger_ctx, _runtime_ctx, _prober_ctx])
+    app.on_response_prepare.append(_stamp_headers)
+    app.router.add_routes(
+        [
+            web.post("/v1/chat/completions", partial(model.handle, surface=model.CHAT)),
+            web.post("/v1/completions", partial(model.handle, surface=model.COMPLETIONS)),
+            web.post("/v1/embeddings", partial(model.handle, surface=model.EMBEDDINGS)),
+            web.get("/v1/models", models.list_models),
+            web.get("/v1/models/{model_id:.+}", models.get_model),
+            web.get("/-/health", operator.health),
+            web.get("/-/ready", operator.ready),
+            web.get("/-/providers", operator.providers),
+            web.post("/-/route", operator.route),
+            web.get("/metrics", operator.metrics),
+        ]
+    )
+    return app

@@ -1,0 +1,1 @@
+"""One small module per API surface; ``routes()`` lists them all for the app factory."""

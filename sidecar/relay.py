@@ -1,0 +1,325 @@
+"""Walks a routing plan: one attempt per provider, SPEC's failover rules, the stream commit point.
+
+Each attempt is observed by the health book. A stream is handed back only once its first content
+arrived: role-only and empty chunks are held, so a stream that fails before that can still move on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import orjson
+
+from .errors import UpstreamFailed
+from .health import HealthBook, parse_retry_after
+from .scope import Scope, Target
+from .upstream import Upstream, UpstreamError
+from .wire import JSON_TYPE as wire_json
+from .wire import SSE_TYPE, SSEDecoder, has_content
+
+# Outcomes that say "this provider, not this request": move on to the next provider.
+FAILOVER_STATUSES = frozenset({401, 403, 404, 408, 429, 500, 502, 503, 504})
+MAX_EVENT_BYTES = 1 << 20
+
+
+@dataclass(slots=True)
+class Attempt:
+    provider: str
+    status: int | None
+    reason: str
+    ms: int
+
+    def ledger_fields(self) -> dict[str, Any]:
+        return {"provider": self.provider, "status": self.status, "reason": self.reason, "ms": self.ms}
+
+
+@dataclass(slots=True)
+class Trail:
+    """The attempts of one request so far, visible to the handler even if it is cancelled."""
+
+    attempts: list[Attempt] = field(default_factory=list)
+    current: Target | None = None
+    started: float = 0.0
+
+    def begin(self, target: Target) -> None:
+        self.current = target
+        self.started = time.monotonic()
+
+    def end(self, status: int | None, reason: str) -> Attempt:
+        assert self.current is not None
+        attempt = Attempt(self.current.provider, status, reason, _elapsed_ms(self.started))
+        self.attempts.append(attempt)
+        return attempt
+
+
+class AllAttemptsFailed(UpstreamFailed):
+    """502 ``upstream_failed``, carrying the attempts for the ledger line."""
+
+    def __init__(self, requested: str, trail: Trail) -> None:
+        super().__init__(
+            failure_summary(requested, trail.attempts),
+            headers={"X-TokenHub-Attempts": str(len(trail.attempts))},
+        )
+        self.trail = trail
+
+
+@dataclass(slots=True)
+class Answer:
+    """A complete non-stream upstream answer (2xx), or a 4xx passed back as it came."""
+
+    target: Target
+    status: int
+    raw: bytes
+    content_type: str
+    body: dict[str, Any] | None
+    attempts: list[Attempt]
+
+    @property
+    def passed_back(self) -> bool:
+        return self.status >= 400
+
+
+@dataclass(slots=True)
+class OpenStream:
+    """A stream past its commit point: held events to send first, then ``next_payload()``."""
+
+    target: Target
+    response: aiohttp.ClientResponse
+    held: list[tuple[bytes, dict[str, Any]]]
+    attempts: list[Attempt]
+    idle_timeout_s: float
+    decoder: SSEDecoder
+    pending: deque[bytes | None] = field(default_factory=deque)
+    done: bool = False
+
+    async def next_payload(self) -> bytes | None:
+        """The next event's data (``b"[DONE]"`` included); None at a clean end of the body.
+
+        Raises UpstreamError when the upstream stalls past the idle timeout or cuts the stream.
+        """
+        while not self.pending:
+            data = await _read_some(self.response, self.idle_timeout_s, "between chunks")
+            if not data:
+                if self.decoder.pending.strip():
+                    raise UpstreamError("stream ended inside an event")
+                return None
+            self.pending.extend(self.decoder.feed(data))
+        return self.pending.popleft()
+
+    def close(self) -> None:
+        """Drop the upstream connection at once (stops generation; never returned to the pool)."""
+        self.response.close()
+
+
+def _elapsed_ms(started: float) -> int:
+    return int((time.monotonic() - started) * 1000)
+
+
+async def _read_some(response: aiohttp.ClientResponse, timeout_s: float, phase: str) -> bytes:
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await response.content.readany()
+    except TimeoutError:
+        raise UpstreamError(f"no data {phase} within {timeout_s:g}s") from None
+    except (aiohttp.ClientError, ConnectionError) as exc:
+        raise UpstreamError(f"stream cut: {type(exc).__name__}") from None
+
+
+def upstream_body(body: Mapping[str, Any], target: Target, *, stream: bool) -> bytes:
+    """The client's body with the provider's model name; streams always ask for usage."""
+    rewritten = dict(body)
+    rewritten["model"] = target.upstream_model
+    if stream:
+        options = body.get("stream_options")
+        rewritten["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
+    return orjson.dumps(rewritten)
+
+
+def failure_summary(requested: str, attempts: Sequence[Attempt]) -> str:
+    tried = "; ".join(
+        f"{a.provider}: {'HTTP ' + str(a.status) if a.status else a.reason}"
+        + (f" ({a.reason})" if a.status and a.reason and a.reason != f"HTTP {a.status}" else "")
+        for a in attempts
+    )
+    return (
+        f"Every provider tried for {requested} failed ({len(attempts)} attempt"
+        f"{'s' if len(attempts) != 1 else ''}): {tried}. The sidecar already failed over; "
+        "retry later, or widen the bounds in [preferences] if more providers may serve it."
+    )
+
+
+class Relay:
+    """Sends one request along a plan of targets, failing over as SPEC lists."""
+
+    def __init__(
+        self,
+        upstreams: Mapping[str, Upstream],
+        health: HealthBook,
+        *,
+        first_token_timeout_s: float,
+        idle_timeout_s: float,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self._upstreams = upstreams
+        self._health = health
+        self._first_token_timeout_s = first_token_timeout_s
+        self._idle_timeout_s = idle_timeout_s
+        self._wall = wall
+
+    async def call(
+        self, path: str, plan: Sequence[Target], body: Mapping[str, Any], scope: Scope, trail: Trail
+    ) -> Answer:
+        for target in plan:
+            response = await self._open(path, target, body, scope, trail, stream=False)
+            if response is None:
+                continue
+            async with response:
+                try:
+                    async with asyncio.timeout(self._idle_timeout_s):
+                        raw = await response.read()
+                except (TimeoutError, aiohttp.ClientError, ConnectionError) as exc:
+                    reason = "body timed out" if isinstance(exc, TimeoutError) else "body cut"
+                    self._fail(trail, response.status, reason)
+                    continue
+            content_type = response.headers.get("Content-Type", wire_json)
+            if response.status >= 400:
+                return self._passed_back(trail, response.status, raw, content_type)
+            try:
+                parsed = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                parsed = None
+            if not isinstance(parsed, dict):
+                self._fail(trail, response.status, "body is not a JSON object")
+                continue
+            trail.end(response.status, "ok")
+            self._health.record_success(target.provider)
+            return Answer(target, response.status, raw, content_type, parsed, trail.attempts)
+        raise AllAttemptsFailed(scope.requested, trail)
+
+    async def open_stream(
+        self, path: str, plan: Sequence[Target], body: Mapping[str, Any], scope: Scope, trail: Trail
+    ) -> OpenStream | Answer:
+        for target in plan:
+            response = await self._open(path, target, body, scope, trail, stream=True)
+            if response is None:
+                continue
+            if response.status >= 400:
+                async with response:
+                    raw = await _read_quietly(response)
+                content_type = response.headers.get("Content-Type", wire_json)
+                return self._passed_back(trail, response.status, raw, content_type)
+            stream = await self._until_content(target, response, trail)
+            if stream is not None:
+                return stream
+        raise AllAttemptsFailed(scope.requested, trail)
+
+    def _passed_back(self, trail: Trail, status: int, raw: bytes, content_type: str) -> Answer:
+        """An upstream 4xx about the request itself goes back to the client as it came."""
+        assert trail.current is not None
+        trail.end(status, "passed back")
+        self._health.record_success(trail.current.provider)
+        return Answer(trail.current, status, raw, content_type, None, trail.attempts)
+
+    async def _open(
+        self,
+        path: str,
+        target: Target,
+        body: Mapping[str, Any],
+        scope: Scope,
+        trail: Trail,
+        *,
+        stream: bool,
+    ) -> aiohttp.ClientResponse | None:
+        """One attempt up to response headers; None (after recording why) if it must move on."""
+        if not scope.allows(target.provider, target.model):
+            raise AssertionError(f"plan left the scope: {target.provider}/{target.model}")
+        trail.begin(target)
+        upstream = self._upstreams[target.provider]
+        try:
+            response = await upstream.open(path, upstream_body(body, target, stream=stream))
+        except UpstreamError as exc:
+            self._fail(trail, None, exc.reason)
+            return None
+        status = response.status
+        if status < 400 and not 200 <= status < 300:
+            response.close()
+            self._fail(trail, status, f"unexpected HTTP {status}")
+            return None
+        if status in FAILOVER_STATUSES or status >= 500:
+            retry_after = parse_retry_after(response.headers, now=self._wall())
+            response.close()
+            self._fail(trail, status, f"HTTP {status}", retry_after)
+            return None
+        return response
+
+    async def _until_content(
+        self, target: Target, response: aiohttp.ClientResponse, trail: Trail
+    ) -> OpenStream | None:
+        if not response.headers.get("Content-Type", "").startswith(SSE_TYPE):
+            response.close()
+            self._fail(trail, response.status, "stream is not SSE")
+            return None
+        decoder = SSEDecoder()
+        stream = OpenStream(target, response, [], trail.attempts, self._idle_timeout_s, decoder)
+        deadline = time.monotonic() + self._first_token_timeout_s
+        try:
+            while True:
+                if not stream.pending:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise UpstreamError(f"no content within {self._first_token_timeout_s:g}s")
+                    data = await _read_some(response, remaining, "before the first content")
+                    if not data:
+                        raise UpstreamError("stream ended before any content")
+                    stream.pending.extend(decoder.feed(data))
+                    if len(decoder.pending) > MAX_EVENT_BYTES:
+                        raise UpstreamError("stream is not SSE")
+                    continue
+                payload = stream.pending.popleft()
+                if payload is None:
+                    continue
+                chunk = _chunk_before_content(payload)
+                stream.held.append((payload, chunk))
+                if has_content(chunk):
+                    trail.end(response.status, "ok")
+                    self._health.record_success(target.provider)
+                    return stream
+        except UpstreamError as exc:
+            response.close()
+            self._fail(trail, response.status, exc.reason)
+            return None
+
+    def _fail(
+        self, trail: Trail, status: int | None, reason: str, retry_after_s: float | None = None
+    ) -> None:
+        attempt = trail.end(status, reason)
+        self._health.record_failure(
+            attempt.provider, reason=reason, status=status, retry_after_s=retry_after_s
+        )
+
+
+def _chunk_before_content(payload: bytes) -> dict[str, Any]:
+    if payload == b"[DONE]":
+        raise UpstreamError("stream ended before any content")
+    try:
+        chunk = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        raise UpstreamError("stream event is not JSON") from None
+    if not isinstance(chunk, dict):
+        raise UpstreamError("stream event is not a JSON object")
+    if "error" in chunk:
+        raise UpstreamError("error event before any content")
+    return chunk
+
+
+async def _read_quietly(response: aiohttp.ClientResponse) -> bytes:
+    try:
+        return await response.read()
+    except (aiohttp.ClientError, ConnectionError):
+        return b""

@@ -1,0 +1,109 @@
+"""One provider: its pooled client session, the request we build for it, failure mapping.
+
+The upstream request is built only from the config (URL) and an allow-list of headers plus the
+stored key: nothing a client sends can redirect a key or add a header upstream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+
+import aiohttp
+from multidict import CIMultiDict
+
+from .config import ProviderConfig, RoutingConfig
+
+USER_AGENT = "tokenhub-sidecar/0.1"
+
+
+class UpstreamError(Exception):
+    """An attempt that failed before a usable response: connect error, timeout, reset."""
+
+    def __init__(self, reason: str, *, status: int | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.status = status
+
+
+class Upstream:
+    """A provider's pooled ``ClientSession`` and how to call it."""
+
+    def __init__(
+        self,
+        provider: ProviderConfig,
+        routing: RoutingConfig,
+        *,
+        connector: aiohttp.BaseConnector | None = None,
+    ) -> None:
+        self.provider = provider
+        self.name = provider.name
+        self._routing = routing
+        self._base_url = provider.base_url
+        headers = CIMultiDict({"User-Agent": USER_AGENT, "Accept": "application/json, text/event-stream"})
+        if provider.api_key is not None:
+            headers["Authorization"] = f"Bearer {provider.api_key.get_secret_value()}"
+        self._session = aiohttp.ClientSession(
+            connector=connector
+            or aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=30, ttl_dns_cache=300),
+            headers=headers,
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=routing.connect_timeout_s),
+            auto_decompress=True,
+            skip_auto_headers=("Content-Type",),
+            json_serialize=None,  # type: ignore[arg-type]
+            raise_for_status=False,
+            trust_env=False,
+        )
+
+    def url(self, path: str) -> str:
+        """``path`` is one of our fixed endpoint paths relative to the provider's base URL."""
+        return self._base_url + path
+
+    async def open(
+        self,
+        path: str,
+        body: bytes,
+        *,
+        content_type: str = "application/json",
+        extra_headers: Mapping[str, str] | None = None,
+    ) -> aiohttp.ClientResponse:
+        """POST and return once the response headers arrived; map transport failures."""
+        headers = {"Content-Type": content_type}
+        if extra_headers:
+            headers.update(extra_headers)
+        try:
+            async with asyncio.timeout(self._routing.first_byte_timeout_s):
+                return await self._session.post(
+                    self.url(path), data=body, headers=headers, allow_redirects=False
+                )
+        except TimeoutError:
+            raise UpstreamError(
+                f"no response headers within {self._routing.first_byte_timeout_s:g}s"
+            ) from None
+        except aiohttp.ClientConnectorError as exc:
+            raise UpstreamError(f"connect failed: {exc.os_error.strerror or exc.os_error}") from None
+        except aiohttp.ServerDisconnectedError:
+            raise UpstreamError("connection closed before response headers") from None
+        except aiohttp.ClientError as exc:
+            raise UpstreamError(f"{type(exc).__name__}: {exc}") from None
+
+    async def get(self, path: str) -> aiohttp.ClientResponse:
+        try:
+            async with asyncio.timeout(self._routing.first_byte_timeout_s):
+                return await self._session.get(self.url(path), allow_redirects=False)
+        except TimeoutError:
+            raise UpstreamError("no response headers in time") from None
+        except aiohttp.ClientError as exc:
+            raise UpstreamError(f"{type(exc).__name__}: {exc}") from None
+
+    async def probe(self) -> bool:
+        """An active health probe: ``GET {base_url}/models`` answers 2xx."""
+        try:
+            response = await self.get("/models")
+        except UpstreamError:
+            return False
+        async with response:
+            return 200 <= response.status < 300
+
+    async def close(self) -> None:
+        await self._session.close()

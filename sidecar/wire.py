@@ -1,0 +1,153 @@
+"""The OpenAI wire format: the few body fields we act on, SSE framing, error bodies.
+
+Everything else in a request body is forwarded untouched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import orjson
+
+from .errors import InvalidJSON, InvalidRequest
+
+SSE_DONE = b"data: [DONE]\n\n"
+JSON_TYPE = "application/json"
+SSE_TYPE = "text/event-stream"
+
+
+def parse_object(raw: bytes) -> dict[str, Any]:
+    """A request body as a JSON object, or a 400 that says what is wrong with it."""
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidJSON(
+            f"The request body is not valid JSON ({exc.msg} at position {exc.pos}); "
+            "send a JSON object with Content-Type: application/json."
+        ) from None
+    if not isinstance(body, dict):
+        raise InvalidJSON(
+            f"The request body is a JSON {type(body).__name__}, not an object; "
+            'send an object such as {"model": "...", ...}.'
+        )
+    return body
+
+
+def model_of(body: Mapping[str, Any]) -> str:
+    model = body.get("model")
+    if model is None:
+        raise InvalidRequest(
+            "The request has no `model`; set it to a model name, provider/model or an alias "
+            "(GET /v1/models lists them).",
+            param="model",
+        )
+    if not isinstance(model, str) or not model.strip():
+        raise InvalidRequest("`model` must be a non-empty string.", param="model")
+    return model.strip()
+
+
+def wants_stream(body: Mapping[str, Any]) -> bool:
+    stream = body.get("stream", False)
+    if stream is None:
+        return False
+    if not isinstance(stream, bool):
+        raise InvalidRequest("`stream` must be true or false.", param="stream")
+    return stream
+
+
+def wants_usage(body: Mapping[str, Any]) -> bool:
+    options = body.get("stream_options")
+    return isinstance(options, dict) and options.get("include_usage") is True
+
+
+def max_tokens_of(body: Mapping[str, Any]) -> int | None:
+    for name in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
+        value = body.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return value
+    return None
+
+
+def error_body(message: str, *, type: str, code: str, param: str | None = None) -> bytes:
+    return orjson.dumps({"error": {"message": message, "type": type, "param": param, "code": code}})
+
+
+def sse_event(payload: Mapping[str, Any]) -> bytes:
+    return b"data: " + orjson.dumps(payload) + b"\n\n"
+
+
+STREAM_INTERRUPTED = sse_event(
+    {
+        "error": {
+            "message": "upstream stream interrupted; the answer above is incomplete, retry the request",
+            "type": "upstream_error",
+            "param": None,
+            "code": "stream_interrupted",
+        }
+    }
+)
+
+
+class SSEDecoder:
+    """Splits an upstream byte stream into SSE events, keeping each event's raw bytes.
+
+    Events are separated by a blank line; ``data:`` lines of one event are joined with newlines.
+    Comment lines (``:``) and other fields are ignored but kept in the raw bytes.
+    """
+
+    __slots__ = ("_buffer",)
+
+    def __init__(self) -> None:
+        self._buffer = b""
+
+    def feed(self, data: bytes) -> Iterator[bytes | None]:
+        """Yield each complete event's data payload (None for an event without data)."""
+        buffer = self._buffer + data if self._buffer else data
+        if b"\r" in buffer:
+            buffer = buffer.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        start = 0
+        while True:
+            end = buffer.find(b"\n\n", start)
+            if end < 0:
+                break
+            yield _event_data(buffer[start:end])
+            start = end + 2
+        self._buffer = buffer[start:]
+
+    @property
+    def pending(self) -> bytes:
+        return self._buffer
+
+
+def _event_data(block: bytes) -> bytes | None:
+    if block.startswith(b"data: ") and b"\n" not in block:
+        return block[6:]
+    parts = []
+    for line in block.split(b"\n"):
+        if line.startswith(b"data:"):
+            parts.append(line[6:] if line.startswith(b"data: ") else line[5:])
+    return b"\n".join(parts) if parts else None
+
+
+def has_content(chunk: Mapping[str, Any]) -> bool:
+    """True once a chunk carries something a user sees: the stream's commit point.
+
+    Role-only and empty deltas are not content; a finish_reason is (an empty answer is an answer).
+    """
+    choices = chunk.get("choices")
+    if not choices:
+        return False
+    for choice in choices:
+        if not isinstance(choice, dict):
+            continue
+        if choice.get("finish_reason"):
+            return True
+        if choice.get("text"):
+            return True
+        delta = choice.get("delta")
+        if isinstance(delta, dict):
+            for key in ("content", "tool_calls", "refusal", "function_call", "reasoning_content"):
+                if delta.get(key):
+                    return True
+    return False
