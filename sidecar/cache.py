@@ -223,11 +223,18 @@ class ResponseCache:
 
     def get(self, key: str, allows: Callable[[str, str], bool]) -> CachedAnswer | None:
         """The live entry under ``key`` if ``allows(provider, model)``; anything else is a miss."""
+        answer = self.peek(key, allows)
+        if answer is None:
+            self._counters.misses += 1
+        else:
+            self._counters.hits += 1
+        return answer
+
+    def peek(self, key: str, allows: Callable[[str, str], bool]) -> CachedAnswer | None:
+        """Like ``get`` but not counted as a hit or miss (a leader reading back its own store)."""
         entry = self._entries.get(key)
         if entry is None or not allows(entry.provider, entry.model):
-            self._counters.misses += 1
             return None
-        self._counters.hits += 1
         return CachedAnswer(entry.endpoint, orjson.loads(entry.raw), entry.provider,
                             entry.region, entry.model, entry.upstream_model, entry.size)
 

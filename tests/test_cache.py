@@ -264,6 +264,16 @@ def test_hit_after_put_and_miss_before() -> None:
     assert stats.bytes == hit.size
 
 
+def test_peek_reads_without_counting() -> None:
+    cache = make_cache()
+    assert cache.peek("k", anywhere) is None
+    cache.put("k", make_answer(chat_answer()))
+    peeked = cache.peek("k", anywhere)
+    assert peeked is not None and peeked.body == chat_answer()
+    assert cache.peek("k", lambda _p, _m: False) is None
+    assert (cache.stats.hits, cache.stats.misses) == (0, 0)
+
+
 def test_a_returned_body_cannot_change_the_stored_one() -> None:
     cache = make_cache()
     cache.put("k", make_answer(chat_answer("original")))
