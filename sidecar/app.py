@@ -27,7 +27,6 @@ from .relay import Relay
 from .scope import Catalog
 from .state import LIVE, Live, Runtime
 from .upstream import Upstream
-from .usage import spent_since
 from .wire import error_body
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -112,6 +111,8 @@ async def _ledger_ctx(app: web.Application) -> AsyncIterator[None]:
     await ledger.open()
     budget = app[BUDGET]
     if settings.budget.daily_usd is not None or settings.budget.monthly_usd is not None:
+        from .usage import spent_since  # the ledger reader is only needed when caps are set
+
         now = datetime.now(UTC)
         day = now.replace(hour=0, minute=0, second=0, microsecond=0)
         day_spent, month_spent = await asyncio.to_thread(

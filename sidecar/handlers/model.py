@@ -266,7 +266,7 @@ async def _respond_answer(exchange: Exchange, answer: Answer) -> web.Response:
     if not answer.passed_back:
         headers["X-TokenHub-Cost-USD"] = billing.usd(cost.total)
         if answer.body is not None:
-            _store(exchange, answer.target, answer.body, len(answer.raw))
+            _store(exchange, answer.target, answer.body)
     exchange.info.status = answer.status
     return web.Response(
         status=answer.status, body=answer.raw, headers=headers, content_type=_mime(answer.content_type)
@@ -277,20 +277,19 @@ def _mime(content_type: str) -> str:
     return content_type.split(";", 1)[0].strip() or wire.JSON_TYPE
 
 
-def _store(exchange: Exchange, target: Target, body: dict[str, Any], size: int) -> None:
+def _store(exchange: Exchange, target: Target, body: dict[str, Any]) -> None:
     cache = exchange.runtime.cache
     if exchange.cache_key is None or not exchange.decision.store or not cache.storable(body):
         return
     cache.put(
         exchange.cache_key,
-        CachedAnswer(
-            endpoint=exchange.surface.endpoint,
-            body=body,
+        CachedAnswer.build(
+            exchange.surface.endpoint,
+            body,
             provider=target.provider,
             region=target.region,
             model=target.model,
             upstream_model=target.upstream_model,
-            size=size,
         ),
     )
 
@@ -419,7 +418,7 @@ async def _finish_stream(
         if assembler is not None:
             completed = assembler.complete()
             if completed is not None:
-                _store(exchange, stream.target, completed, len(orjson.dumps(completed)))
+                _store(exchange, stream.target, completed)
     else:
         await response.write(wire.STREAM_INTERRUPTED)
     await response.write_eof()
@@ -489,5 +488,7 @@ async def _append(
     if estimated is not None and outcome != "ok":
         record["estimated_usd"] = billing.usd(estimated)
     await runtime.ledger.append(record)
-    runtime.metrics.observe_spend(target.provider, target.model, cost.total)
+    runtime.metrics.add_spend(target.provider, target.model, cost.total)
+    if saved:
+        runtime.metrics.add_saved(target.model, saved)
 
