@@ -10,7 +10,7 @@ import asyncio
 import hashlib
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
 import cachetools
@@ -307,11 +307,11 @@ class _LeaderGone(Exception):
     """The leader was cancelled before it had a result: followers retry on their own."""
 
 
-@dataclass(slots=True)
 class SingleFlight:
     """Identical keys in flight at once share one call; nothing stays behind when it ends."""
 
-    _flights: dict[str, asyncio.Future[Any]] = field(default_factory=dict)
+    def __init__(self) -> None:
+        self._flights: dict[str, asyncio.Future[Any]] = {}
 
     def __len__(self) -> int:
         return len(self._flights)
