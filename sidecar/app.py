@@ -22,7 +22,7 @@ from .health import HealthBook, Prober
 from .ledger import Ledger
 from .log import Redactor, get_logger
 from .metrics import Metrics
-from .ratelimit import TokenBucket
+from .ratelimit import ConcurrencyCap, TokenBucket
 from .relay import Relay
 from .scope import Catalog
 from .state import LIVE, Live, Runtime
@@ -56,6 +56,7 @@ def build_runtime(
 ) -> Runtime:
     """Everything that one config decides; cheap enough to rebuild on every reload."""
     health = HealthBook(settings.providers)
+    metrics.track_provider_states(lambda: {name: health.state(name) for name in health.names})
     upstreams = {p.name: Upstream(p, settings.routing) for p in settings.providers}
     return Runtime(
         settings=settings,
@@ -70,7 +71,8 @@ def build_runtime(
         ),
         cache=ResponseCache(settings.cache),
         flights=SingleFlight(),
-        bucket=TokenBucket(settings.account.effective_rpm),
+        bucket=TokenBucket(settings.account.effective_rpm, plan=settings.account.plan),
+        cap=ConcurrencyCap(settings.server.max_concurrent_requests),
         ledger=ledger,
         budget=budget,
         metrics=metrics,
@@ -173,7 +175,9 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
         response = _error_response(exc, runtime.redactor)
         return response
     except web.HTTPException as exc:
-        response = _error_response(_from_http(exc, runtime.settings.server.max_body_bytes), runtime.redactor)
+        response = _error_response(
+            _from_http(exc, runtime.settings.server.max_body_bytes), runtime.redactor
+        )
         return response
     except asyncio.CancelledError:
         info.status = 499
@@ -250,10 +254,13 @@ def _log_line(request: web.Request, response: web.StreamResponse | None) -> None
 
 async def _stamp_headers(request: web.Request, response: web.StreamResponse) -> None:
     info = request.get(INFO)
-    if info is not None:
-        response.headers["X-Request-Id"] = info.request_id
-        if info.status is None:
-            info.status = response.status
+    if info is None:
+        return
+    response.headers["X-Request-Id"] = info.request_id
+    if info.status is None:
+        info.status = response.status
+    if response.status < 400 and request.path.startswith("/v1/"):
+        response.headers.update(request.app[LIVE].current.bucket.headers())
 
 
 def create_app(settings: Settings, *, ledger: Ledger | None = None) -> web.Application:

@@ -44,7 +44,9 @@ def _parser() -> argparse.ArgumentParser:
     usage.add_argument("--by", default="", help="group by any of day,model,provider,outcome")
     usage.add_argument("--format", default="table", choices=["table", "json", "csv"])
     ledger = commands.add_parser("ledger", help="ledger tools")
-    ledger_commands = ledger.add_subparsers(dest="ledger_command", required=True, parser_class=_Parser)
+    ledger_commands = ledger.add_subparsers(
+        dest="ledger_command", required=True, parser_class=_Parser
+    )
     verify = ledger_commands.add_parser("verify", help="check every line and the hash chain")
     verify.add_argument("--ledger", type=Path, help="ledger file (default: the config's)")
     verify.add_argument("-c", "--config", type=Path, help="config to take the ledger path from")
@@ -82,7 +84,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     path = args.config or config.default_config_path()
     settings = config.load(path)
-    log.configure(format=settings.log.format, level=settings.log.level, redactor=_redactor(settings))
+    log.configure(
+        format=settings.log.format, level=settings.log.level, redactor=_redactor(settings)
+    )
     return _run_loop(daemon.run(settings, config_path=path))
 
 
@@ -124,7 +128,12 @@ def _cmd_usage(args: argparse.Namespace) -> int:
 
     by = [part.strip() for part in args.by.split(",") if part.strip()]
     return cmd_usage(
-        _ledger_path(args), since=args.since, until=args.until, by=by, fmt=args.format, out=sys.stdout
+        _ledger_path(args),
+        since=args.since,
+        until=args.until,
+        by=by,
+        fmt=args.format,
+        out=sys.stdout,
     )
 
 

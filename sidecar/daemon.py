@@ -48,7 +48,7 @@ async def _site(runner: web.AppRunner, settings: Settings) -> web.BaseSite:
 
 def bound_address(site: web.BaseSite) -> str:
     """The address actually listened on (port 0 resolved), as ``host:port`` or ``unix:/path``."""
-    server = site._server  # noqa: SLF001 - aiohttp exposes no public accessor
+    server = site._server  # aiohttp exposes no public accessor
     sockets = getattr(server, "sockets", None) or []
     if not sockets:
         return site.name
@@ -70,20 +70,27 @@ async def run(
     log = get_logger()
     app = create_app(settings)
     runner = web.AppRunner(
-        app, handler_cancellation=True, access_log=None, shutdown_timeout=settings.server.shutdown_timeout_s
+        app,
+        handler_cancellation=True,
+        access_log=None,
+        shutdown_timeout=settings.server.shutdown_timeout_s,
     )
     try:
         await runner.setup()
     except LedgerLocked as exc:
         raise StartupError(str(exc)) from None
     except OSError as exc:
-        raise StartupError(f"cannot open the ledger at {settings.ledger.path}: {exc.strerror or exc}") from None
+        raise StartupError(
+            f"cannot open the ledger at {settings.ledger.path}: {exc.strerror or exc}"
+        ) from None
     site = await _site(runner, settings)
     try:
         await site.start()
     except OSError as exc:
         await runner.cleanup()
-        raise StartupError(f"cannot listen on {settings.server.listen}: {exc.strerror or exc}") from None
+        raise StartupError(
+            f"cannot listen on {settings.server.listen}: {exc.strerror or exc}"
+        ) from None
     address = bound_address(site)
     if address.startswith("unix:"):
         os.chmod(address[5:], 0o660)
@@ -100,7 +107,12 @@ async def run(
 
     loop.add_signal_handler(signal.SIGHUP, on_hup)
     watchdog = _start_watchdog()
-    log.info("listening", address=address, providers=len(settings.providers), ledger=str(settings.ledger.path))
+    log.info(
+        "listening",
+        address=address,
+        providers=len(settings.providers),
+        ledger=str(settings.ledger.path),
+    )
     if announce is not None:
         announce(address)
     systemd.ready(f"serving on {address}")

@@ -36,7 +36,12 @@ class Attempt:
     ms: int
 
     def ledger_fields(self) -> dict[str, Any]:
-        return {"provider": self.provider, "status": self.status, "reason": self.reason, "ms": self.ms}
+        return {
+            "provider": self.provider,
+            "status": self.status,
+            "reason": self.reason,
+            "ms": self.ms,
+        }
 
 
 @dataclass(slots=True)
@@ -137,7 +142,10 @@ def upstream_body(body: Mapping[str, Any], target: Target, *, stream: bool) -> b
     rewritten["model"] = target.upstream_model
     if stream:
         options = body.get("stream_options")
-        rewritten["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
+        rewritten["stream_options"] = {
+            **(options if isinstance(options, dict) else {}),
+            "include_usage": True,
+        }
     return orjson.dumps(rewritten)
 
 

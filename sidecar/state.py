@@ -19,7 +19,7 @@ from .health import HealthBook
 from .ledger import Ledger
 from .log import Redactor
 from .metrics import Metrics
-from .ratelimit import TokenBucket
+from .ratelimit import ConcurrencyCap, TokenBucket
 from .relay import Relay
 from .scope import Catalog
 from .upstream import Upstream
@@ -37,6 +37,7 @@ class Runtime:
     cache: ResponseCache
     flights: SingleFlight
     bucket: TokenBucket
+    cap: ConcurrencyCap
     ledger: Ledger
     budget: Budget
     metrics: Metrics

@@ -40,12 +40,16 @@ class Upstream:
         self.name = provider.name
         self._routing = routing
         self._base_url = provider.base_url
-        headers = CIMultiDict({"User-Agent": USER_AGENT, "Accept": "application/json, text/event-stream"})
+        headers = CIMultiDict(
+            {"User-Agent": USER_AGENT, "Accept": "application/json, text/event-stream"}
+        )
         if provider.api_key is not None:
             headers["Authorization"] = f"Bearer {provider.api_key.get_secret_value()}"
         self._session = aiohttp.ClientSession(
             connector=connector
-            or aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=30, ttl_dns_cache=300),
+            or aiohttp.TCPConnector(
+                limit=0, limit_per_host=0, keepalive_timeout=30, ttl_dns_cache=300
+            ),
             headers=headers,
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=routing.connect_timeout_s),
             auto_decompress=True,
@@ -81,7 +85,9 @@ class Upstream:
                 f"no response headers within {self._routing.first_byte_timeout_s:g}s"
             ) from None
         except aiohttp.ClientConnectorError as exc:
-            raise UpstreamError(f"connect failed: {exc.os_error.strerror or exc.os_error}") from None
+            raise UpstreamError(
+                f"connect failed: {exc.os_error.strerror or exc.os_error}"
+            ) from None
         except aiohttp.ServerDisconnectedError:
             raise UpstreamError("connection closed before response headers") from None
         except aiohttp.ClientError as exc:

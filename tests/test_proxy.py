@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 
-import aiohttp
-import openai
-import pytest
-
 from .conftest import TEST_KEY, provider
-from .fakes import ok, slow_chunks
+from .fakes import ok
 
 
 async def test_chat_non_stream_reaches_upstream_with_stored_key(start_sidecar, make_settings, fake_upstream):

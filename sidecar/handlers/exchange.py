@@ -1,0 +1,157 @@
+"""One request's working state, how its route is explained, and how its ledger line is written."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+from .. import billing
+from ..billing import Cost, Usage
+from ..cache import CachedAnswer, Decision
+from ..relay import Attempt, Trail
+from ..scope import Scope, Target
+from ..state import Runtime
+from .context import RequestInfo
+
+
+@dataclass(frozen=True, slots=True)
+class Surface:
+    """One OpenAI endpoint: where it goes upstream and which models fit it."""
+
+    endpoint: str
+    upstream_path: str
+    kinds: frozenset[str]
+    streams: bool
+
+
+# A JSON body carries about four bytes per token: good enough to estimate a cut stream's input.
+BYTES_PER_TOKEN = 4
+CHARS_PER_TOKEN = 4
+
+CHAT = Surface("/v1/chat/completions", "/chat/completions", frozenset({"chat"}), True)
+COMPLETIONS = Surface("/v1/completions", "/completions", frozenset({"chat"}), True)
+EMBEDDINGS = Surface("/v1/embeddings", "/embeddings", frozenset({"embedding"}), False)
+
+
+@dataclass(slots=True)
+class Exchange:
+    """One request's working state, from parse to ledger line."""
+
+    surface: Surface
+    runtime: Runtime
+    info: RequestInfo
+    body: dict[str, Any]
+    requested: str
+    stream: bool
+    scope: Scope
+    plan: list[Target]
+    decision: Decision
+    cache_key: str | None
+    started: float
+    input_estimate: int
+    trail: Trail = field(default_factory=Trail)
+    spent: Decimal = Decimal(0)
+    recorded: bool = False
+
+    def base_headers(self, target: Target, attempts: int, cache: str) -> dict[str, str]:
+        self.info.provider = target.provider
+        self.info.model = target.model
+        self.info.attempts = attempts
+        return {
+            "X-TokenHub-Provider": target.provider,
+            "X-TokenHub-Attempts": str(attempts),
+            "X-TokenHub-Cache": cache,
+            "X-TokenHub-Route": route_reason(self, target, attempts),
+        }
+
+    @property
+    def cache_header(self) -> str:
+        return "miss" if self.decision.lookup else "bypass"
+
+
+def route_reason(exchange: Exchange, target: Target, attempts: int) -> str:
+    scope = exchange.scope
+    if scope.pinned:
+        why = f"pinned by {exchange.requested}"
+    elif scope.preferred:
+        why = "first healthy in X-TokenHub-Providers order"
+    elif exchange.runtime.settings.routing.sticky and len({t.provider for t in scope.targets}) > 1:
+        why = "sticky choice for the affinity key among healthy providers"
+    else:
+        why = "first healthy provider in config order"
+    if attempts > 1:
+        why += f", after {attempts - 1} failed attempt{'s' if attempts > 2 else ''}"
+    return f"{target.provider} ({target.region}) serves {target.model}: {why}"
+
+
+def store_answer(exchange: Exchange, target: Target, body: dict[str, Any]) -> None:
+    cache = exchange.runtime.cache
+    if exchange.cache_key is None or not exchange.decision.store or not cache.storable(body):
+        return
+    cache.put(
+        exchange.cache_key,
+        CachedAnswer.build(
+            exchange.surface.endpoint,
+            body,
+            provider=target.provider,
+            region=target.region,
+            model=target.model,
+            upstream_model=target.upstream_model,
+        ),
+    )
+
+
+async def record_unanswered(exchange: Exchange, status: int, outcome: str) -> None:
+    """A request that reached an upstream but got no answer still gets its unbilled line."""
+    target = exchange.trail.current
+    if target is None or exchange.recorded:
+        return
+    await record(
+        exchange, target, exchange.trail.attempts, status, outcome, Usage(), "none", billing.ZERO
+    )
+
+
+async def record(
+    exchange: Exchange,
+    target: Target,
+    attempts: list[Attempt],
+    status: int,
+    outcome: str,
+    usage: Usage,
+    usage_source: str,
+    cost: Cost,
+    *,
+    saved: Decimal | None = None,
+    estimated: Decimal | None = None,
+) -> None:
+    runtime = exchange.runtime
+    exchange.recorded = True
+    record: dict[str, Any] = {
+        "request_id": exchange.info.request_id,
+        "endpoint": exchange.surface.endpoint,
+        "requested": exchange.requested,
+        "model": target.model,
+        "provider": target.provider,
+        "upstream_model": target.upstream_model,
+        "region": target.region,
+        "stream": exchange.stream,
+        "status": status,
+        "outcome": outcome,
+        "billable": outcome == "ok",
+        "attempts": [a.ledger_fields() for a in attempts],
+        "usage": usage.ledger_fields(),
+        "usage_source": usage_source,
+        "model_fee_usd": billing.usd(cost.model_fee),
+        "service_fee_usd": billing.usd(cost.service_fee),
+        "total_usd": billing.usd(cost.total),
+        "saved_usd": billing.usd(saved or Decimal(0)),
+        "latency_ms": int((time.monotonic() - exchange.started) * 1000),
+    }
+    if estimated is not None and outcome != "ok":
+        record["estimated_usd"] = billing.usd(estimated)
+    await runtime.ledger.append(record)
+    runtime.metrics.add_spend(target.provider, target.model, cost.total)
+    if saved:
+        runtime.metrics.add_saved(target.model, saved)

@@ -1,0 +1,149 @@
+"""Forwarding a committed stream chunk by chunk, and its one ledger line before ``[DONE]``."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from .. import billing, wire
+from ..billing import Usage
+from ..relay import OpenStream
+from ..replay import StreamAssembler
+from ..upstream import UpstreamError
+from .exchange import CHARS_PER_TOKEN, Exchange, record, store_answer
+
+
+async def relay_stream(
+    request: web.Request, exchange: Exchange, stream: OpenStream
+) -> web.StreamResponse:
+    """Forward a committed stream chunk by chunk; its ledger line goes out before ``[DONE]``."""
+    target = stream.target
+    client_wants_usage = wire.wants_usage(exchange.body)
+    assembler = StreamAssembler() if exchange.decision.store and exchange.cache_key else None
+    tally = _StreamTally()
+    response = web.StreamResponse(
+        headers=exchange.base_headers(target, len(stream.attempts), exchange.cache_header)
+    )
+    response.content_type = wire.SSE_TYPE
+    exchange.info.status = 200
+    outcome = "stream_cut"
+    try:
+        await response.prepare(request)
+        for payload, chunk in stream.held:
+            await _forward(response, payload, chunk, tally, assembler, client_wants_usage)
+        while True:
+            try:
+                payload = await stream.next_payload()
+            except UpstreamError as exc:
+                stream.attempts[-1].reason = exc.reason
+                break
+            if payload is None:
+                break
+            if payload == b"[DONE]":
+                outcome = "ok"
+                break
+            try:
+                chunk = orjson.loads(payload)
+            except orjson.JSONDecodeError:
+                stream.attempts[-1].reason = "stream event is not JSON"
+                break
+            if not isinstance(chunk, dict) or "error" in chunk:
+                stream.attempts[-1].reason = "error event after content"
+                break
+            await _forward(response, payload, chunk, tally, assembler, client_wants_usage)
+        stream.close()
+        await _finish_stream(exchange, stream, response, outcome, tally, assembler)
+    except (ConnectionError, asyncio.CancelledError):
+        stream.close()
+        await asyncio.shield(_record_stream(exchange, stream, "client_cancelled", tally))
+        raise
+    return response
+
+
+@dataclass(slots=True)
+class _StreamTally:
+    usage: Usage | None = None
+    output_chars: int = 0
+
+
+async def _forward(
+    response: web.StreamResponse,
+    payload: bytes,
+    chunk: dict[str, Any],
+    tally: _StreamTally,
+    assembler: StreamAssembler | None,
+    client_wants_usage: bool,
+) -> None:
+    if assembler is not None:
+        assembler.feed(chunk)
+    for choice in chunk.get("choices") or ():
+        delta = choice.get("delta") if isinstance(choice, dict) else None
+        if isinstance(delta, dict) and isinstance(delta.get("content"), str):
+            tally.output_chars += len(delta["content"])
+        elif isinstance(choice, dict) and isinstance(choice.get("text"), str):
+            tally.output_chars += len(choice["text"])
+    reported = chunk.get("usage")
+    if reported:
+        tally.usage = billing.usage_from_openai(reported)
+        if not client_wants_usage:
+            if not chunk.get("choices"):
+                return
+            payload = orjson.dumps({k: v for k, v in chunk.items() if k != "usage"})
+    await response.write(b"data: " + payload + b"\n\n")
+
+
+async def _finish_stream(
+    exchange: Exchange,
+    stream: OpenStream,
+    response: web.StreamResponse,
+    outcome: str,
+    tally: _StreamTally,
+    assembler: StreamAssembler | None,
+) -> None:
+    await _record_stream(exchange, stream, outcome, tally)
+    if outcome == "ok":
+        await response.write(wire.SSE_DONE)
+        if assembler is not None:
+            completed = assembler.complete()
+            if completed is not None:
+                store_answer(exchange, stream.target, completed)
+    else:
+        await response.write(wire.STREAM_INTERRUPTED)
+    await response.write_eof()
+
+
+async def _record_stream(
+    exchange: Exchange,
+    stream: OpenStream,
+    outcome: str,
+    tally: _StreamTally,
+) -> None:
+    target = stream.target
+    if tally.usage is not None:
+        usage, source = tally.usage, "reported"
+    else:
+        usage = Usage(
+            input_tokens=exchange.input_estimate,
+            output_tokens=-(-tally.output_chars // CHARS_PER_TOKEN),
+        )
+        source = "estimated"
+    cost = billing.cost(usage, target.spec, exchange.runtime.fee_rate)
+    if outcome == "ok":
+        exchange.spent = cost.total
+        await record(exchange, target, stream.attempts, 200, outcome, usage, source, cost)
+    else:
+        await record(
+            exchange,
+            target,
+            stream.attempts,
+            200,
+            outcome,
+            usage,
+            source,
+            billing.ZERO,
+            estimated=cost.total,
+        )
