@@ -106,6 +106,17 @@ class HealthBook:
     def names(self) -> tuple[str, ...]:
         return tuple(self._providers)
 
+    def adopt(self, previous: HealthBook) -> None:
+        """Carry observations over a config reload for providers present in both configs."""
+        for name, entry in self._providers.items():
+            old = previous._providers.get(name)
+            if old is not None:
+                entry.outcomes.extend(old.outcomes)
+                entry.consecutive, entry.ejections = old.consecutive, old.ejections
+                entry.ejected_until, entry.last_until = old.ejected_until, old.last_until
+                entry.held_by_retry_after = old.held_by_retry_after
+                entry.last_failure = old.last_failure
+
     def state(self, provider: str) -> State:
         entry = self._providers[provider]
         if entry.ejected_until is None:
@@ -159,7 +170,8 @@ class HealthBook:
         now = self._clock()
         entry.outcomes.append((now, False))
         entry.consecutive += 1
-        entry.last_failure = reason if status is None else f"{reason}, status {status}"
+        shown = status is None or str(status) in reason
+        entry.last_failure = reason if shown else f"{reason}, status {status}"
         state = self.state(provider)
         if retry_after_s is not None:
             self._hold(entry, now, min(retry_after_s, self._policy.max_retry_after_s))

@@ -273,3 +273,20 @@ async def test_prober_runs_until_cancelled(clock: FakeClock) -> None:
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+
+
+def test_reason_shows_the_status_once(clock: FakeClock) -> None:
+    book = make_book(clock, consecutive_failures=1)
+    book.record_failure("a", reason="HTTP 503", status=503)
+    assert book.describe("a").endswith("(HTTP 503)")
+
+
+def test_reload_adopts_state_of_providers_that_remain(clock: FakeClock) -> None:
+    old = make_book(clock, consecutive_failures=1)
+    old.record_failure("a", reason="x", status=500)
+    new = make_book(clock, consecutive_failures=1)
+    new.adopt(old)
+    assert new.state("a") == "ejected"
+    assert new.ejected_until("a") == old.ejected_until("a")
+    assert new.error_rate("a") == 1.0
+    assert new.state("b") == "healthy"
