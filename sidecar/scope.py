@@ -82,6 +82,10 @@ def _fold(values: Iterable[str]) -> frozenset[str]:
     return frozenset(v.casefold() for v in values)
 
 
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
 def _join(words: Sequence[str]) -> str:
     if len(words) <= 1:
         return "".join(words)
@@ -273,12 +277,16 @@ class Catalog:
         if not fitting:
             kind = candidates[0].spec.kind
             raise InvalidRequest(
-                f"{requested} is {'an' if kind[0] in 'aeiou' else 'a'} {kind} model, which "
+                f"{requested} is {_article(kind)} {kind} model, which "
                 f"this endpoint does not serve; send it to {ENDPOINTS_BY_KIND[kind]}",
                 param="model",
             )
         excluded += [
-            Exclusion(s.provider.name, s.model, f"serves it as a {s.spec.kind} model")
+            Exclusion(
+                s.provider.name,
+                s.model,
+                f"serves it as {_article(s.spec.kind)} {s.spec.kind} model",
+            )
             for s in candidates
             if s.spec.kind not in kinds
         ]

@@ -187,6 +187,11 @@ def test_scope_key_names_the_allowed_set() -> None:
 def test_kinds_exclude_misfits_but_keep_fitting_providers() -> None:
     scope = resolve("text-embed", kinds=frozenset({"embedding"}))
     assert pairs(scope) == [("alibaba", "text-embed"), ("mistral", "text-embed")]
+    mixed = make_settings()
+    catalog = Catalog(mixed.model_copy(update={"aliases": {"mix": ("text-embed", "llama-4")}}))
+    scope = catalog.resolve("mix", Narrowing(), kinds=frozenset({"chat"}))
+    assert pairs(scope) == [("together", "llama-4")]
+    assert [e.why for e in scope.excluded] == ["serves it as an embedding model"] * 2
 
 
 # -- errors, each with its message -----------------------------------------------------------
