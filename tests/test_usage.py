@@ -1,0 +1,255 @@
+import csv
+import io
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from sidecar.config import LedgerConfig
+from sidecar.ledger import Ledger, rotated_path
+from sidecar.usage import cmd_usage, cmd_verify, ledger_files, spent_since, verify
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = datetime(2025, 3, 4, 10, 0, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+def line(
+    outcome: str, *, model: str = "m1", provider: str = "alpha", **extra: Any
+) -> dict[str, Any]:
+    billable = outcome == "ok"
+    return {
+        "request_id": "r",
+        "model": model,
+        "provider": provider,
+        "outcome": outcome,
+        "billable": billable,
+        "usage": {
+            "input_tokens": 100,
+            "output_tokens": 10,
+            "cached_tokens": 40,
+            "images": 0,
+            "seconds": 0,
+        },
+        "model_fee_usd": "0.0001" if billable else "0",
+        "service_fee_usd": "0.000003" if billable else "0",
+        "total_usd": "0.000103" if billable else "0",
+        "saved_usd": "0",
+        **extra,
+    }
+
+
+async def write_ledger(
+    path: Path, entries: list[tuple[str, dict[str, Any]]], **config: Any
+) -> None:
+    clock = Clock()
+    ledger = Ledger(LedgerConfig(path=path, **config), clock=clock)
+    await ledger.open()
+    for ts, record in entries:
+        clock.now = datetime.fromisoformat(ts)
+        await ledger.append(record)
+    await ledger.close()
+
+
+SAMPLE = [
+    ("2025-03-01T10:00:00+00:00", line("ok")),
+    ("2025-03-01T11:00:00+00:00", line("ok", model="m2")),
+    ("2025-03-01T12:00:00+00:00", line("cache_hit", saved_usd="0.000103")),
+    (
+        "2025-03-02T09:00:00+00:00",
+        line("stream_cut", usage_source="estimated", estimated_usd="0.00005"),
+    ),
+    ("2025-03-02T10:00:00+00:00", line("upstream_failed", provider="beta")),
+    ("2025-03-03T23:59:59.999+00:00", line("client_cancelled", estimated_usd="0.00001")),
+    ("2025-03-04T00:00:00+00:00", line("ok", provider="beta")),
+]
+
+
+@pytest.fixture
+async def ledger_path(tmp_path: Path) -> Path:
+    path = tmp_path / "ledger.jsonl"
+    await write_ledger(path, SAMPLE, rotate_bytes=4096)
+    return path
+
+
+def run_usage(path: Path, **kwargs: Any) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    args: dict[str, Any] = {"since": None, "until": None, "by": [], "fmt": "json"}
+    args.update(kwargs)
+    code = cmd_usage(path, out=out, err=err, **args)
+    return code, out.getvalue(), err.getvalue()
+
+
+async def test_usage_json_totals(ledger_path: Path) -> None:
+    code, out, _ = run_usage(ledger_path)
+    assert code == 0
+    document = orjson.loads(out)
+    assert document["groups"] == []
+    assert document["totals"] == {
+        "requests": 7,
+        "billable_requests": 3,
+        "failures": 2,
+        "input_tokens": 300,
+        "output_tokens": 30,
+        "cached_tokens": 120,
+        "model_fee_usd": "0.0003",
+        "service_fee_usd": "0.000009",
+        "total_usd": "0.000309",
+        "saved_usd": "0.000103",
+        "unbilled_estimated_usd": "0.00006",
+    }
+
+
+async def test_usage_groups_and_filters(ledger_path: Path) -> None:
+    code, out, _ = run_usage(
+        ledger_path, by=["day", "provider"], since="2025-03-02", until="2025-03-03"
+    )
+    assert code == 0
+    groups = orjson.loads(out)["groups"]
+    assert [(g["key"], g["requests"]) for g in groups] == [
+        ({"day": "2025-03-02", "provider": "alpha"}, 1),
+        ({"day": "2025-03-02", "provider": "beta"}, 1),
+        ({"day": "2025-03-03", "provider": "alpha"}, 1),  # until is inclusive of the whole day
+    ]
+    _, out, _ = run_usage(
+        ledger_path, since="2025-03-03T23:59:59.999Z", until="2025-03-04T00:00:00Z"
+    )
+    assert orjson.loads(out)["totals"]["requests"] == 2
+    _, out, _ = run_usage(ledger_path, by=["model,outcome"])
+    keys = [g["key"] for g in orjson.loads(out)["groups"]]
+    assert {"model": "m2", "outcome": "ok"} in keys
+
+
+async def test_usage_csv_and_table(ledger_path: Path) -> None:
+    code, out, _ = run_usage(ledger_path, by=["provider"], fmt="csv")
+    assert code == 0
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert [r["provider"] for r in rows] == ["alpha", "beta"]
+    assert rows[1]["total_usd"] == "0.000103" and rows[1]["failures"] == "1"
+    code, out, _ = run_usage(ledger_path, by=["outcome"], fmt="table")
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0].split()[:3] == ["outcome", "requests", "billable"]
+    assert lines[-2].split()[:2] == ["TOTAL", "7"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"since": "yesterday"}, "--since: 'yesterday' is not a date"),
+        ({"until": "2025-13-01"}, "--until"),
+        ({"by": ["model,colour"]}, "--by: unknown field 'colour'"),
+        ({"fmt": "xml"}, "--format"),
+    ],
+)
+async def test_usage_user_errors_are_one_line(
+    ledger_path: Path, kwargs: dict[str, Any], message: str
+) -> None:
+    code, out, err = run_usage(ledger_path, **kwargs)
+    assert code == 2 and out == ""
+    assert message in err and err.count("\n") == 1
+
+
+def test_missing_ledger_is_one_line(tmp_path: Path) -> None:
+    code, _, err = run_usage(tmp_path / "nope.jsonl")
+    assert code == 2 and "no ledger at" in err and err.count("\n") == 1
+    out, err_io = io.StringIO(), io.StringIO()
+    assert cmd_verify(tmp_path / "nope.jsonl", out, err_io) == 2
+    assert "no ledger at" in err_io.getvalue()
+
+
+async def test_verify_reads_rotated_files(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.jsonl"
+    await write_ledger(
+        path, [(ts, line("ok", pad="x" * 600)) for ts, _ in SAMPLE * 3], rotate_bytes=4096
+    )
+    files = ledger_files(path)
+    assert files[0] == rotated_path(path, 1) and files[-1] == path and len(files) >= 3
+    out = io.StringIO()
+    assert cmd_verify(path, out) == 0
+    assert out.getvalue().startswith("ok: 21 lines")
+    code, text, _ = run_usage(path)
+    assert orjson.loads(text)["totals"]["requests"] == 21
+
+
+Tamper = Callable[[list[bytes]], None]
+
+
+def _edit_amount(lines: list[bytes]) -> None:
+    lines[2] = lines[2].replace(b'"total_usd":"0"', b'"total_usd":"9"')
+
+
+def _drop_line(lines: list[bytes]) -> None:
+    del lines[1]
+
+
+def _swap_lines(lines: list[bytes]) -> None:
+    lines[1], lines[2] = lines[2], lines[1]
+
+
+def _garbage(lines: list[bytes]) -> None:
+    lines[2] = b"not json\n"
+
+
+@pytest.mark.parametrize(
+    ("tamper", "bad_line", "reason"),
+    [
+        (_edit_amount, 4, "prev does not match"),  # the edited line's successor notices
+        (_drop_line, 2, "prev does not match"),
+        (_swap_lines, 2, "prev does not match"),
+        (_garbage, 3, "not valid JSON"),
+    ],
+)
+async def test_verify_detects_tampering(
+    tmp_path: Path, tamper: Tamper, bad_line: int, reason: str
+) -> None:
+    path = tmp_path / "ledger.jsonl"
+    await write_ledger(path, SAMPLE)
+    lines = path.read_bytes().splitlines(keepends=True)
+    tamper(lines)
+    path.write_bytes(b"".join(lines))
+    result = verify(path)
+    assert not result.ok
+    assert (result.bad_file, result.bad_line) == (path, bad_line)
+    assert reason in result.reason
+    out = io.StringIO()
+    assert cmd_verify(path, out) == 1
+    assert out.getvalue().startswith(f"{path}:{bad_line}: ")
+
+
+async def test_verify_names_the_rotated_file(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.jsonl"
+    await write_ledger(
+        path, [(ts, line("ok", pad="x" * 600)) for ts, _ in SAMPLE * 2], rotate_bytes=4096
+    )
+    first = rotated_path(path, 1)
+    lines = first.read_bytes().splitlines(keepends=True)
+    lines[0] = lines[0].replace(b'"outcome":"ok"', b'"outcome":"OK"')
+    first.write_bytes(b"".join(lines))
+    result = verify(path)
+    assert (result.bad_file, result.bad_line) == (first, 2)
+
+
+async def test_torn_tail_is_reported(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.jsonl"
+    await write_ledger(path, SAMPLE)
+    with path.open("ab") as f:
+        f.write(b'{"v":1,"ts":"2025')
+    result = verify(path)
+    assert result.bad_line == len(SAMPLE) + 1 and "cut off" in result.reason
+
+
+async def test_spent_since_seeds_the_budget(ledger_path: Path) -> None:
+    day, month = spent_since(
+        ledger_path,
+        datetime(2025, 3, 4, tzinfo=UTC),
+        datetime(2025, 3, 1, tzinfo=UTC),
+    )
+    assert str(day) == "0.000103" and str(month) == "0.000309"
