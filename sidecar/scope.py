@@ -243,11 +243,9 @@ class Catalog:
                 f"{', '.join(provider.models)}); {LISTING_HINT}",
                 param="model",
             )
-        bound = (
-            _model_bound(model, self._prefs)
-            or _preference_bound(provider, self._prefs)
-            or _narrowing_bound(provider, narrowing)
-        )
+        if _model_bound(model, self._prefs) is not None:
+            raise OutsideBounds(self._model_outside_message(requested, (model,)), param="model")
+        bound = _preference_bound(provider, self._prefs) or _narrowing_bound(provider, narrowing)
         if bound is not None:
             raise OutsideBounds(
                 f"{requested} is pinned to {name} ({provider.region}), which is outside the "

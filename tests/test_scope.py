@@ -255,7 +255,7 @@ def test_kinds_exclude_misfits_but_keep_fitting_providers() -> None:
             {"exclude_models": ["qwen3-max"]},
             None,
             errors.OutsideBounds,
-            ["[preferences].exclude_models"],
+            ["alibaba/qwen3-max (qwen3-max) is outside the bounds: [preferences].exclude_models"],
         ),
         (
             "qwen3-max",
