@@ -95,10 +95,11 @@ async def swap_runtime(app: web.Application, settings: Settings) -> None:
     """SIGHUP: the new config serves new requests; the old one finishes what it started."""
     live = app[LIVE]
     old = live.current
-    live.current = build_runtime(
-        settings, ledger=app[LEDGER], budget=app[BUDGET], metrics=app[METRICS]
-    )
+    new = build_runtime(settings, ledger=app[LEDGER], budget=app[BUDGET], metrics=app[METRICS])
+    new.health.adopt(old.health)
+    live.current = new
     old.retired = True
+    _start_prober(app)
 
     async def retire() -> None:
         await old.wait_idle()
@@ -128,8 +129,8 @@ async def _ledger_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _runtime_ctx(app: web.Application) -> AsyncIterator[None]:
-    app[LIVE] = Live(
-        build_runtime(app[SETTINGS], ledger=app[LEDGER], budget=app[BUDGET], metrics=app[METRICS])
+    app[LIVE].current = build_runtime(
+        app[SETTINGS], ledger=app[LEDGER], budget=app[BUDGET], metrics=app[METRICS]
     )
     try:
         yield
@@ -140,16 +141,27 @@ async def _runtime_ctx(app: web.Application) -> AsyncIterator[None]:
         await app[LIVE].current.close_upstreams()
 
 
+def _start_prober(app: web.Application) -> None:
+    """(Re)start active probes of ejected providers for the current runtime, if configured."""
+    live = app[LIVE]
+    if live.prober is not None:
+        live.prober.cancel()
+        live.prober = None
+    runtime = live.current
+    interval = runtime.settings.routing.probe_interval_s
+    if interval <= 0:
+        return
+    upstreams = runtime.upstreams
+
+    async def probe(name: str) -> bool:
+        upstream = upstreams.get(name)
+        return upstream is not None and await upstream.probe()
+
+    live.prober = keep_task(app, Prober(runtime.health, probe, interval).run(), "health-probes")
+
+
 async def _prober_ctx(app: web.Application) -> AsyncIterator[None]:
-    interval = app[SETTINGS].routing.probe_interval_s
-    if interval > 0:
-        runtime = app[LIVE].current
-
-        async def probe(name: str) -> bool:
-            upstream = app[LIVE].current.upstreams.get(name)
-            return upstream is not None and await upstream.probe()
-
-        keep_task(app, Prober(runtime.health, probe, interval).run(), "health-probes")
+    _start_prober(app)
     yield
 
 
@@ -275,6 +287,7 @@ def create_app(settings: Settings, *, ledger: Ledger | None = None) -> web.Appli
     app[BUDGET] = Budget(settings.budget)
     app[METRICS] = Metrics()
     app[BACKGROUND] = set()
+    app[LIVE] = Live()
     app.cleanup_ctx.extend([_ledger_ctx, _runtime_ctx, _prober_ctx])
     app.on_response_prepare.append(_stamp_headers)
     app.router.add_routes(

@@ -159,6 +159,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except ValueError as exc:
         return _fail(str(exc))
+    except Exception as exc:  # the last line of defence: one line, never a traceback
+        print(
+            f"tokenhub-sidecar: unexpected {type(exc).__name__}: {exc} "
+            "(this is a bug; please report it with the command you ran)",
+            file=sys.stderr,
+        )
+        return EXIT_CHECK_FAILED
 
 
 if __name__ == "__main__":

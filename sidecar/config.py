@@ -73,7 +73,7 @@ def _optional_money(value: object) -> object:
     return None if value == "" else _money(value)
 
 
-OptionalMoney = Annotated[Decimal | None, BeforeValidator(_optional_money), Field(ge=0)]
+OptionalMoney = Annotated[Money | None, BeforeValidator(_optional_money)]
 
 
 class Frozen(BaseModel):

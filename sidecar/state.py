@@ -67,9 +67,10 @@ class Runtime:
 
 @dataclass(eq=False, slots=True)
 class Live:
-    """The app's handle on the current runtime."""
+    """The app's handle on the current runtime (set at startup) and its probe task."""
 
-    current: Runtime
+    current: Runtime = field(init=False)
+    prober: asyncio.Task[None] | None = None
 
 
 LIVE = web.AppKey("live", Live)
