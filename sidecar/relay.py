@@ -69,7 +69,10 @@ class AllAttemptsFailed(UpstreamFailed):
     def __init__(self, requested: str, trail: Trail) -> None:
         super().__init__(
             failure_summary(requested, trail.attempts),
-            headers={"X-TokenHub-Attempts": str(len(trail.attempts))},
+            headers={
+                "X-TokenHub-Attempts": str(len(trail.attempts)),
+                "X-TokenHub-Route": route_failed(trail.attempts),
+            },
         )
         self.trail = trail
 
@@ -147,6 +150,13 @@ def upstream_body(body: Mapping[str, Any], target: Target, *, stream: bool) -> b
             "include_usage": True,
         }
     return orjson.dumps(rewritten)
+
+
+def route_failed(attempts: Sequence[Attempt]) -> str:
+    """The ``X-TokenHub-Route`` line of the sidecar's own 502: who was tried, in order."""
+    if not attempts:
+        return "no provider was tried"
+    return "every provider tried failed: " + ", ".join(a.provider for a in attempts)
 
 
 def failure_summary(requested: str, attempts: Sequence[Attempt]) -> str:
