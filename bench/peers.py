@@ -14,6 +14,7 @@ from pathlib import Path
 
 PEERS = ("litellm", "portkey")
 ROOT = Path(__file__).resolve().parent / ".peers"
+LITELLM_KEY = "sk-bench-0f3c9a7e5d1b4c2a8e6f0d9b7c5a3e1f"  # not a secret: loopback only
 PORTKEY_SERVER = Path("node_modules/@portkey-ai/gateway/build/start-server.js")
 
 
@@ -70,6 +71,8 @@ def litellm_config(upstream_port: int) -> str:
         "      model: openai/bench-model-upstream\n"
         f"      api_base: http://127.0.0.1:{upstream_port}/v1\n"
         "      api_key: sk-bench\n"
+        "general_settings:\n"
+        f"  master_key: {LITELLM_KEY}\n"
         "litellm_settings:\n"
         "  telemetry: false\n"
         "  drop_params: true\n"
@@ -84,7 +87,8 @@ def launch(name: str, port: int, upstream_port: int, workdir: Path, root: Path =
         argv = [str(root / "litellm" / "bin" / "litellm"), "--config", str(config),
                 "--host", "127.0.0.1", "--port", str(port), "--num_workers", "1"]
         env = {"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOG": "ERROR"}
-        return Launch(name, argv, base, "/health/liveliness", 120.0, env)
+        headers = {"Authorization": f"Bearer {LITELLM_KEY}"}
+        return Launch(name, argv, base, "/health/liveliness", 120.0, env, headers)
     argv = ["node", str(root / "portkey" / PORTKEY_SERVER), f"--port={port}", "--headless"]
     headers = {
         "x-portkey-provider": "openai",
