@@ -283,9 +283,10 @@ def create_app(settings: Settings, *, ledger: Ledger | None = None) -> web.Appli
         handler_args={"max_field_size": 16384, "max_line_size": 16384},
     )
     app[SETTINGS] = settings
-    app[LEDGER] = ledger or Ledger(settings.ledger)
+    metrics = Metrics()
+    app[METRICS] = metrics
+    app[LEDGER] = ledger or Ledger(settings.ledger, observe=metrics.ledger_write_seconds.observe)
     app[BUDGET] = Budget(settings.budget)
-    app[METRICS] = Metrics()
     app[BACKGROUND] = set()
     app[LIVE] = Live()
     app.cleanup_ctx.extend([_ledger_ctx, _runtime_ctx, _prober_ctx])
