@@ -23,5 +23,14 @@ lint: $(STAMP)
 	$(BIN)/ruff check sidecar tests bench
 	$(BIN)/mypy
 
+bench: $(STAMP)
+	$(BIN)/python bench/run.py
+
+bench-peers: $(STAMP)
+	$(BIN)/python bench/run.py --peers
+
+soak: $(STAMP)
+	SOAK_SECONDS=$${SOAK_SECONDS:-600} $(BIN)/python -m pytest tests/soak -q -p no:cacheprovider
+
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
