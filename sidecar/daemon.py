@@ -13,8 +13,10 @@ import socket
 import stat
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
 
 from . import config, systemd
 from .app import LEDGER, create_app, swap_runtime
@@ -27,6 +29,87 @@ Announce = Callable[[str], None]
 
 class StartupError(Exception):
     """A one-line reason the daemon could not start."""
+
+
+class _HeadDeadline(RequestHandler):
+    """A connection that must deliver each request head within ``header_timeout_s``.
+
+    aiohttp has no header-read timeout, so a client dribbling header bytes (slowloris) could hold
+    a connection forever. The clock starts when the connection opens and again when the first
+    byte of a later request arrives; it stops once aiohttp has parsed a whole head.
+    """
+
+    def __init__(self, manager: web.Server, *, header_timeout_s: float, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._header_timeout_s = header_timeout_s
+        self._head_deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._arm()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self._serving():
+            self._disarm()
+        elif self._head_deadline is None:
+            self._arm()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def _serving(self) -> bool:
+        # A parsed head waits in the queue, or its request is being handled (body included).
+        return bool(self._messages) or self._request_in_progress
+
+    def _arm(self) -> None:
+        self._head_deadline = self._loop.call_later(self._header_timeout_s, self._expire)
+
+    def _disarm(self) -> None:
+        if self._head_deadline is not None:
+            self._head_deadline.cancel()
+            self._head_deadline = None
+
+    def _expire(self) -> None:
+        self._head_deadline = None
+        if self._serving() or self.transport is None:
+            return
+        get_logger().warning(
+            "connection closed: request head not received in time",
+            peer=str(self.peername),
+            header_timeout_s=self._header_timeout_s,
+        )
+        self.force_close()
+        self.transport.close()
+
+
+class _HeadDeadlineServer(web.Server):
+    def __init__(self, base: web.Server, header_timeout_s: float) -> None:
+        super().__init__(
+            base.request_handler,
+            request_factory=base.request_factory,
+            handler_cancellation=base.handler_cancellation,
+            loop=base._loop,
+            **base._kwargs,
+        )
+        self._header_timeout_s = header_timeout_s
+
+    def __call__(self) -> RequestHandler:
+        return _HeadDeadline(
+            self, header_timeout_s=self._header_timeout_s, loop=self._loop, **self._kwargs
+        )
+
+
+class DaemonRunner(web.AppRunner):
+    """The app runner with a request-head deadline on every connection."""
+
+    def __init__(self, app: web.Application, *, header_timeout_s: float, **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self._header_timeout_s = header_timeout_s
+
+    async def _make_server(self) -> web.Server:
+        return _HeadDeadlineServer(await super()._make_server(), self._header_timeout_s)
 
 
 async def _site(runner: web.AppRunner, settings: Settings) -> web.BaseSite:
@@ -69,8 +152,9 @@ async def run(
     """Serve until SIGTERM/SIGINT (or ``stop``); reload on SIGHUP. Returns the exit code."""
     log = get_logger()
     app = create_app(settings)
-    runner = web.AppRunner(
+    runner = DaemonRunner(
         app,
+        header_timeout_s=settings.server.header_timeout_s,
         handler_cancellation=True,
         access_log=None,
         shutdown_timeout=settings.server.shutdown_timeout_s,
@@ -126,7 +210,7 @@ async def run(
         if watchdog is not None:
             watchdog.cancel()
         await runner.cleanup()
-        log.info("stopped", ledger_closed=not app[LEDGER].available or True)
+        log.info("stopped", ledger=str(app[LEDGER].path))
     return 0
 
 
