@@ -111,14 +111,17 @@ class OpenStream:
 
         Raises UpstreamError when the upstream stalls past the idle timeout or cuts the stream.
         """
-        while not self.pending:
+        while True:
+            while self.pending:
+                payload = self.pending.popleft()
+                if payload is not None:  # comments and keep-alives carry no data
+                    return payload
             data = await _read_some(self.response, self.idle_timeout_s, "between chunks")
             if not data:
                 if self.decoder.pending.strip():
                     raise UpstreamError("stream ended inside an event")
                 return None
             self.pending.extend(self.decoder.feed(data))
-        return self.pending.popleft()
 
     def close(self) -> None:
         """Drop the upstream connection at once (stops generation; never returned to the pool)."""
