@@ -216,7 +216,9 @@ async def test_a_pinned_request_never_gets_another_providers_entry(
 ):
     a, b = await fake_upstream(), await fake_upstream()
     sidecar = await start_sidecar(
-        make_settings([provider("alpha", a.url), provider("beta", b.url)], routing={"sticky": False})
+        make_settings(
+            [provider("alpha", a.url), provider("beta", b.url)], routing={"sticky": False}
+        )
     )
     await post(sidecar, chat_body())
     _, pinned, _ = await post(sidecar, chat_body(model="beta/deepseek-v3.2"))

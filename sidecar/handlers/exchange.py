@@ -9,7 +9,8 @@ from typing import Any
 
 from .. import billing
 from ..billing import Cost, Usage
-from ..cache import CachedAnswer, Decision
+from ..cache import CachedAnswer, CacheStats, Decision
+from ..metrics import Metrics
 from ..relay import Attempt, Trail
 from ..scope import Scope, Target
 from ..state import Runtime
@@ -90,6 +91,7 @@ def store_answer(exchange: Exchange, target: Target, body: dict[str, Any]) -> No
     cache = exchange.runtime.cache
     if exchange.cache_key is None or not exchange.decision.store or not cache.storable(body):
         return
+    evicted = cache.stats.evictions
     cache.put(
         exchange.cache_key,
         CachedAnswer.build(
@@ -101,6 +103,15 @@ def store_answer(exchange: Exchange, target: Target, body: dict[str, Any]) -> No
             upstream_model=target.upstream_model,
         ),
     )
+    stats = cache.stats
+    metrics = exchange.runtime.metrics
+    metrics.cache_evictions.inc(stats.evictions - evicted)
+    cache_gauges(metrics, stats)
+
+
+def cache_gauges(metrics: Metrics, stats: CacheStats) -> None:
+    metrics.cache_bytes.set(stats.bytes)
+    metrics.cache_entries.set(stats.entries)
 
 
 async def record_unanswered(exchange: Exchange, status: int, outcome: str) -> None:

@@ -125,6 +125,7 @@ async def _answer(request: web.Request, exchange: Exchange) -> web.StreamRespons
     runtime = exchange.runtime
     key = exchange.cache_key
     if key is None or not exchange.decision.lookup:
+        _count_cache(exchange, "bypass")
         return await _from_upstream(request, exchange)
     hit = runtime.cache.get(key, exchange.scope.allows)
     if hit is not None:
@@ -135,6 +136,7 @@ async def _answer(request: web.Request, exchange: Exchange) -> web.StreamRespons
     async def lead() -> CachedAnswer | None:
         nonlocal led, leading
         leading = True
+        _count_cache(exchange, "miss")
         led = await _from_upstream(request, exchange)
         return runtime.cache.peek(key, exchange.scope.allows)
 
@@ -144,13 +146,21 @@ async def _answer(request: web.Request, exchange: Exchange) -> web.StreamRespons
         if leading:
             raise
         # The call we waited on failed: this request tries on its own (and gets its own line).
+        _count_cache(exchange, "miss")
         return await _from_upstream(request, exchange)
     if not shared:
         assert led is not None
         return led
     if shared_answer is not None:
         return await _serve_hit(request, exchange, shared_answer)
+    _count_cache(exchange, "miss")
     return await _from_upstream(request, exchange)
+
+
+def _count_cache(exchange: Exchange, result: str) -> None:
+    """Each request counts once, with the ``X-TokenHub-Cache`` value it is answered with."""
+    exchange.info.cache = result
+    exchange.runtime.metrics.cache_requests.labels(result).inc()
 
 
 async def _from_upstream(request: web.Request, exchange: Exchange) -> web.StreamResponse:
@@ -217,6 +227,7 @@ async def _serve_hit(
     request: web.Request, exchange: Exchange, hit: CachedAnswer
 ) -> web.StreamResponse:
     runtime = exchange.runtime
+    _count_cache(exchange, "hit")
     target = _target_of(exchange.scope, hit)
     usage = billing.usage_from_openai(hit.body.get("usage")) or Usage()
     would_cost = billing.cost(usage, target.spec, runtime.fee_rate)

@@ -10,6 +10,7 @@ from aiohttp import web
 from .. import routing, wire
 from ..scope import parse_narrowing
 from ..state import LIVE
+from .exchange import cache_gauges
 
 
 def _json(obj: Any, status: int = 200) -> web.Response:
@@ -53,7 +54,10 @@ async def route(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    body, content_type = request.app[LIVE].current.metrics.render()
+    runtime = request.app[LIVE].current
+    # A reload swaps in a new (empty) cache, so the gauges follow the current one at each scrape.
+    cache_gauges(runtime.metrics, runtime.cache.stats)
+    body, content_type = runtime.metrics.render()
     response = web.Response(body=body)
     response.headers["Content-Type"] = content_type
     return response
