@@ -135,9 +135,11 @@ async def _runtime_ctx(app: web.Application) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        for task in list(app[BACKGROUND]):
+        background = app[BACKGROUND]
+        tasks = list(background)
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*app[BACKGROUND], return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         await app[LIVE].current.close_upstreams()
 
 

@@ -84,16 +84,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     path = args.config or config.default_config_path()
     settings = config.load(path)
-    log.configure(
-        format=settings.log.format, level=settings.log.level, redactor=_redactor(settings)
-    )
-    return _run_loop(daemon.run(settings, config_path=path))
-
-
-def _redactor(settings: Settings) -> object:
     from .app import redactor_for
 
-    return redactor_for(settings)
+    log.configure(
+        format=settings.log.format, level=settings.log.level, redactor=redactor_for(settings)
+    )
+    return _run_loop(daemon.run(settings, config_path=path))
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
