@@ -7,7 +7,7 @@ stored key: nothing a client sends can redirect a key or add a header upstream.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import AsyncIterable, Mapping
 
 import aiohttp
 from multidict import CIMultiDict
@@ -79,6 +79,42 @@ class Upstream:
             async with asyncio.timeout(self._routing.first_byte_timeout_s):
                 return await self._session.post(
                     self.url(path), data=body, headers=headers, allow_redirects=False
+                )
+        except TimeoutError:
+            raise UpstreamError(
+                f"no response headers within {self._routing.first_byte_timeout_s:g}s"
+            ) from None
+        except aiohttp.ClientConnectorError as exc:
+            raise UpstreamError(
+                f"connect failed: {exc.os_error.strerror or exc.os_error}"
+            ) from None
+        except aiohttp.ServerDisconnectedError:
+            raise UpstreamError("connection closed before response headers") from None
+        except aiohttp.ClientError as exc:
+            raise UpstreamError(f"{type(exc).__name__}: {exc}") from None
+
+    async def send(
+        self,
+        method: str,
+        path: str,
+        data: bytes | AsyncIterable[bytes] | None = None,
+        *,
+        headers: Mapping[str, str] | None = None,
+        params: Mapping[str, str] | None = None,
+    ) -> aiohttp.ClientResponse:
+        """Like ``open`` for any method, with a body that may be streamed (multipart uploads).
+
+        A streamed body needs its ``Content-Length`` in ``headers``, else it goes chunked.
+        """
+        try:
+            async with asyncio.timeout(self._routing.first_byte_timeout_s):
+                return await self._session.request(
+                    method,
+                    self.url(path),
+                    data=data,
+                    headers=dict(headers or {}),
+                    params=dict(params or {}),
+                    allow_redirects=False,
                 )
         except TimeoutError:
             raise UpstreamError(
