@@ -116,7 +116,11 @@ class OpenStream:
                 payload = self.pending.popleft()
                 if payload is not None:  # comments and keep-alives carry no data
                     return payload
-            data = await _read_some(self.response, self.idle_timeout_s, "between chunks")
+            data = await _read_some(
+                self.response,
+                self.idle_timeout_s,
+                f"no data between chunks within {self.idle_timeout_s:g}s",
+            )
             if not data:
                 if self.decoder.pending.strip():
                     raise UpstreamError("stream ended inside an event")
@@ -132,12 +136,12 @@ def _elapsed_ms(started: float) -> int:
     return int((time.monotonic() - started) * 1000)
 
 
-async def _read_some(response: aiohttp.ClientResponse, timeout_s: float, phase: str) -> bytes:
+async def _read_some(response: aiohttp.ClientResponse, timeout_s: float, timed_out: str) -> bytes:
     try:
         async with asyncio.timeout(timeout_s):
             return await response.content.readany()
     except TimeoutError:
-        raise UpstreamError(f"no data {phase} within {timeout_s:g}s") from None
+        raise UpstreamError(timed_out) from None
     except (aiohttp.ClientError, ConnectionError) as exc:
         raise UpstreamError(f"stream cut: {type(exc).__name__}") from None
 
@@ -289,13 +293,14 @@ class Relay:
         decoder = SSEDecoder()
         stream = OpenStream(target, response, [], trail.attempts, self._idle_timeout_s, decoder)
         deadline = time.monotonic() + self._first_token_timeout_s
+        no_content = f"no content within {self._first_token_timeout_s:g}s"
         try:
             while True:
                 if not stream.pending:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
-                        raise UpstreamError(f"no content within {self._first_token_timeout_s:g}s")
-                    data = await _read_some(response, remaining, "before the first content")
+                        raise UpstreamError(no_content)
+                    data = await _read_some(response, remaining, no_content)
                     if not data:
                         raise UpstreamError("stream ended before any content")
                     stream.pending.extend(decoder.feed(data))
@@ -315,6 +320,9 @@ class Relay:
             response.close()
             self._fail(trail, response.status, exc.reason)
             return None
+        except asyncio.CancelledError:
+            response.close()  # the client went away: stop the upstream generating at once
+            raise
 
     def _fail(
         self, trail: Trail, status: int | None, reason: str, retry_after_s: float | None = None

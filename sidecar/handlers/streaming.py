@@ -59,7 +59,9 @@ async def relay_stream(
         await _finish_stream(exchange, stream, response, outcome, tally, assembler)
     except (ConnectionError, asyncio.CancelledError):
         stream.close()
-        await asyncio.shield(_record_stream(exchange, stream, "client_cancelled", tally))
+        if not exchange.recorded:  # a client gone after the line was written keeps that line
+            stream.attempts[-1].reason = "client cancelled"
+            await asyncio.shield(_record_stream(exchange, stream, "client_cancelled", tally))
         raise
     return response
 

@@ -1,0 +1,301 @@
+"""Streams end to end: the commit point, stream timeouts, cuts after content, client disconnects."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+
+from .conftest import provider
+from .fakes import (
+    FakeUpstream,
+    cut_after_content,
+    cut_before_content,
+    garbage,
+    ok,
+    slow_chunks,
+    slow_first_token,
+    sse,
+    status,
+)
+
+FAST = {"first_byte_timeout_s": 0.3, "first_token_timeout_s": 0.3, "idle_timeout_s": 0.3}
+HI = [{"role": "user", "content": "Hi"}]
+STREAM = {"model": "deepseek-v3.2", "messages": HI, "stream": True}
+
+
+async def pair(start_sidecar, make_settings, fake_upstream, **routing: Any):
+    alpha, beta = await fake_upstream(), await fake_upstream()
+    settings = make_settings(
+        [provider("alpha", alpha.url), provider("beta", beta.url)],
+        routing={**FAST, "sticky": False, **routing},
+    )
+    return await start_sidecar(settings), alpha, beta
+
+
+async def read_events(sidecar, body: dict[str, Any]) -> tuple[int, Any, list[Any]]:
+    """Status, headers and every SSE event's data (parsed JSON, or the raw ``[DONE]``)."""
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{sidecar.base_url}/v1/chat/completions", json=body) as resp:
+            raw = await resp.read()
+            if resp.content_type != "text/event-stream":
+                return resp.status, resp.headers.copy(), [json.loads(raw)]
+            events: list[Any] = []
+            for block in raw.decode().split("\n\n"):
+                if block.startswith("data: "):
+                    data = block[len("data: ") :]
+                    events.append(data if data == "[DONE]" else json.loads(data))
+            return resp.status, resp.headers.copy(), events
+
+
+def text_of(events: list[Any]) -> str:
+    return "".join(
+        choice["delta"].get("content") or ""
+        for event in events
+        if isinstance(event, dict)
+        for choice in event.get("choices", [])
+    )
+
+
+def role_chunks(events: list[Any]) -> int:
+    return sum(
+        1
+        for event in events
+        if isinstance(event, dict)
+        for choice in event.get("choices", [])
+        if choice["delta"].get("role")
+    )
+
+
+PRE_CONTENT_FAILURES = {
+    "cut before content": cut_before_content(),
+    "slow first token": slow_first_token(2.0),
+    "not SSE": garbage(),
+    "error event before content": sse(
+        {"choices": [{"index": 0, "delta": {"role": "assistant"}}]},
+        {"error": {"message": "overloaded", "type": "server_error"}},
+    ),
+    "ends before content": sse({"choices": [{"index": 0, "delta": {"role": "assistant"}}]}),
+    "503": status(503),
+}
+
+
+@pytest.mark.parametrize(
+    "misbehaviour", list(PRE_CONTENT_FAILURES.values()), ids=list(PRE_CONTENT_FAILURES)
+)
+async def test_a_stream_fails_over_until_its_first_content(
+    start_sidecar, make_settings, fake_upstream, misbehaviour
+):
+    sidecar, alpha, beta = await pair(start_sidecar, make_settings, fake_upstream)
+    alpha.script(misbehaviour)
+    beta.script(ok(content="from beta"))
+    code, headers, events = await read_events(sidecar, STREAM)
+    assert code == 200
+    assert headers["X-TokenHub-Provider"] == "beta"
+    assert headers["X-TokenHub-Attempts"] == "2"
+    assert "X-TokenHub-Route" in headers
+    # The client sees beta's stream only: alpha's held role chunk never went out.
+    assert text_of(events) == "from beta"
+    assert role_chunks(events) == 1
+    assert events[-1] == "[DONE]"
+    assert len(alpha.requests) == 1 and len(beta.requests) == 1
+    [line] = sidecar.ledger_lines()
+    assert line["outcome"] == "ok" and line["billable"] is True and line["stream"] is True
+    assert [a["provider"] for a in line["attempts"]] == ["alpha", "beta"]
+    assert line["attempts"][0]["reason"] != "ok"
+
+
+async def test_a_stream_that_never_gets_content_anywhere_is_a_502(
+    start_sidecar, make_settings, fake_upstream
+):
+    sidecar, alpha, beta = await pair(start_sidecar, make_settings, fake_upstream)
+    alpha.script(slow_first_token(2.0))
+    beta.script(cut_before_content())
+    code, headers, [body] = await read_events(sidecar, STREAM)
+    assert code == 502
+    assert body["error"]["code"] == "upstream_failed"
+    assert "alpha: HTTP 200 (no content within 0.3s)" in body["error"]["message"]
+    assert headers["x-should-retry"] == "false"
+    assert headers["X-TokenHub-Attempts"] == "2"
+    [line] = sidecar.ledger_lines()
+    assert line["outcome"] == "upstream_failed" and line["billable"] is False
+
+
+async def test_an_upstream_4xx_on_a_stream_is_passed_back(
+    start_sidecar, make_settings, fake_upstream
+):
+    sidecar, alpha, beta = await pair(start_sidecar, make_settings, fake_upstream)
+    alpha.script(status(400))
+    code, headers, [body] = await read_events(sidecar, STREAM)
+    assert code == 400
+    assert body["error"]["message"] == "fake upstream answered 400"
+    assert headers["X-TokenHub-Attempts"] == "1"
+    assert beta.requests == []
+    [line] = sidecar.ledger_lines()
+    assert line["outcome"] == "upstream_error" and line["billable"] is False
+
+
+def assert_ends_with_one_error_event(events: list[Any]) -> None:
+    assert "[DONE]" not in events
+    errors = [e for e in events if isinstance(e, dict) and "error" in e]
+    assert errors == [events[-1]]
+    assert events[-1]["error"]["code"] == "stream_interrupted"
+
+
+async def test_a_cut_after_content_ends_with_one_error_event_and_no_done(
+    start_sidecar, make_settings, fake_upstream
+):
+    sidecar, alpha, beta = await pair(start_sidecar, make_settings, fake_upstream)
+    alpha.script(cut_after_content(2, content="one two three four"))
+    code, headers, events = await read_events(sidecar, STREAM)
+    assert code == 200 and headers["X-TokenHub-Provider"] == "alpha"
+    assert text_of(events) == "one two"
+    assert_ends_with_one_error_event(events)
+    assert beta.requests == []  # past the commit point: no failover
+    [line] = sidecar.ledger_lines()
+    assert line["outcome"] == "stream_cut"
+    assert line["billable"] is False and line["total_usd"] == "0"
+    assert line["usage_source"] == "estimated"
+    assert line["usage"]["output_tokens"] >= 1
+    assert [a["provider"] for a in line["attempts"]] == ["alpha"]
+
+
+async def test_the_sdk_raises_on_a_cut_stream(start_sidecar, make_settings, fake_upstream):
+    sidecar, alpha, _ = await pair(start_sidecar, make_settings, fake_upstream)
+    alpha.script(cut_after_content(1, content="one two three"))
+    stream = await sidecar.client().chat.completions.create(
+        model="deepseek-v3.2", messages=HI, stream=True
+    )
+    seen: list[str] = []
+    with pytest.raises(openai.APIError, match="interrupted"):
+        async for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                seen.append(chunk.choices[0].delta.content)
+    assert seen == ["one"]
+
+
+async def test_an_error_event_after_content_ends_the_stream(
+    start_sidecar, make_settings, fake_upstream
+):
+    sidecar, alpha, _ = await pair(start_sidecar, make_settings, fake_upstream)
+    content = {"choices": [{"index": 0, "delta": {"content": "partial"}, "finish_reason": None}]}
+    alpha.script(sse(content, {"error": {"message": "overloaded", "type": "server_error"}}))
+    code, _, events = await read_events(sidecar, STREAM)
+    assert code == 200
+    assert text_of(events) == "partial"
+    assert_ends_with_one_error_event(events)
+    [line] = sidecar.ledger_lines()
+    assert line["outcome"] == "stream_cut"
+    assert line["attempts"][0]["reason"] == "error event after content"
+
+
+async def test_idle_timeout_between_chunks_cuts_the_stream(
+    start_sidecar, make_settings, fake_upstream
+):
+    sidecar, alpha, beta = await pair(start_sidecar, make_settings, fake_upstream)
+    alpha.script(slow_chunks(2.0, content="one two"))
+    code, _, events = await read_events(sidecar, STREAM)
+    assert code == 200
+    assert text_of(events) == "one"
+    assert_ends_with_one_error_event(events)
+    assert beta.requests == []
+    [line] = sidecar.ledger_lines()
+    assert line["outcome"] == "stream_cut"
+    assert "between chunks" in line["attempts"][0]["reason"]
+    # The sidecar dropped the stalled upstream request rather than leaving it running.
+    await asyncio.wait_for(alpha.client_gone.wait(), 1.0)
+
+
+async def test_the_usage_chunk_is_removed_unless_asked_for(
+    start_sidecar, make_settings, fake_upstream
+):
+    sidecar, alpha, _ = await pair(start_sidecar, make_settings, fake_upstream)
+    _, _, plain = await read_events(sidecar, STREAM)
+    asked = {**STREAM, "stream_options": {"include_usage": True}}
+    _, _, with_usage = await read_events(sidecar, asked)
+    assert not any(isinstance(e, dict) and e.get("usage") for e in plain)
+    assert [
+        e["usage"]["completion_tokens"]
+        for e in with_usage
+        if isinstance(e, dict) and e.get("usage")
+    ] == [2]
+    # Upstream was asked for usage both times, and the ledger has what it reported.
+    assert all(r.json["stream_options"]["include_usage"] is True for r in alpha.requests)
+    lines = sidecar.ledger_lines()
+    assert [line["usage_source"] for line in lines] == ["reported", "reported"]
+    assert [line["usage"]["output_tokens"] for line in lines] == [2, 2]
+
+
+async def test_a_client_that_goes_away_mid_stream_closes_the_upstream_request(
+    start_sidecar, make_settings, fake_upstream
+):
+    sidecar, alpha, _ = await pair(start_sidecar, make_settings, fake_upstream, idle_timeout_s=30)
+    alpha.script(slow_chunks(0.2, content=" ".join(["word"] * 50)))
+    async with aiohttp.ClientSession() as session:
+        resp = await session.post(f"{sidecar.base_url}/v1/chat/completions", json=STREAM)
+        assert resp.status == 200
+        first = await resp.content.readuntil(b"\n\n")
+        assert b"word" in first or b"assistant" in first
+        await resp.content.readuntil(b"\n\n")
+        assert alpha.active_streams == 1
+        resp.close()  # the client goes away mid-stream
+        await asyncio.wait_for(alpha.client_gone.wait(), 0.1)
+    await asyncio.wait_for(_ledger_has_line(sidecar), 2.0)
+    [line] = sidecar.ledger_lines()
+    assert line["outcome"] == "client_cancelled"
+    assert line["billable"] is False and line["total_usd"] == "0"
+    assert line["usage_source"] == "estimated"
+    assert alpha.active_streams == 0
+
+
+async def _ledger_has_line(sidecar) -> None:
+    while not sidecar.ledger_lines():
+        await asyncio.sleep(0.01)
+
+
+async def test_a_client_that_goes_away_before_content_closes_the_upstream_request(
+    start_sidecar, make_settings, fake_upstream
+):
+    sidecar, alpha, beta = await pair(
+        start_sidecar, make_settings, fake_upstream, first_token_timeout_s=30
+    )
+    alpha.script(slow_first_token(20.0))
+    async with aiohttp.ClientSession() as session:
+        task = asyncio.ensure_future(
+            session.post(f"{sidecar.base_url}/v1/chat/completions", json=STREAM)
+        )
+        while not alpha.requests:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.wait_for(alpha.client_gone.wait(), 0.1)
+    await asyncio.wait_for(_ledger_has_line(sidecar), 2.0)
+    [line] = sidecar.ledger_lines()
+    assert line["outcome"] == "client_cancelled" and line["billable"] is False
+    assert [a["provider"] for a in line["attempts"]] == ["alpha"]
+    assert beta.requests == []
+
+
+async def test_fakes_count_no_orphaned_connections_after_cancel(
+    start_sidecar, make_settings, fake_upstream
+):
+    """After a cancelled stream, the fake holds no connection the sidecar forgot to close."""
+    sidecar, alpha, _ = await pair(start_sidecar, make_settings, fake_upstream, idle_timeout_s=30)
+    alpha.script(slow_chunks(0.2, content=" ".join(["word"] * 50)))
+    async with aiohttp.ClientSession() as session:
+        resp = await session.post(f"{sidecar.base_url}/v1/chat/completions", json=STREAM)
+        await resp.content.readuntil(b"\n\n")
+        resp.close()
+        await asyncio.wait_for(alpha.client_gone.wait(), 0.1)
+    await asyncio.wait_for(_no_connections(alpha), 1.0)
+
+
+async def _no_connections(fake: FakeUpstream) -> None:
+    while fake.open_connections:
+        await asyncio.sleep(0.01)
