@@ -10,9 +10,16 @@ from pathlib import Path
 CLI = [sys.executable, "-m", "sidecar"]
 
 
-def run(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+def run(
+    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [*CLI, *args], capture_output=True, text=True, timeout=30, env={**os.environ, **(env or {})}, cwd=cwd
+        [*CLI, *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, **(env or {})},
+        cwd=cwd,
     )
 
 

@@ -15,7 +15,13 @@ MODEL = {"input_per_mtok": "0.28", "output_per_mtok": "0.42"}
 
 
 def raw_provider(**overrides):
-    return {"name": "alpha", "base_url": "https://a.example/v1", "region": "eu", "models": {"m": MODEL}, **overrides}
+    return {
+        "name": "alpha",
+        "base_url": "https://a.example/v1",
+        "region": "eu",
+        "models": {"m": MODEL},
+        **overrides,
+    }
 
 
 def problems(raw, environ=None) -> list[str]:
@@ -48,20 +54,50 @@ def test_settings_are_frozen():
         ({"routing": {"max_providers": 4}}, "routing.max_providers:"),
         ({"server": {"listen": "nowhere"}}, "server.listen:"),
         ({"cache": {"mode": "sometimes"}}, "cache.mode:"),
-        ({"account": {"service_fee_rate": "0"}}, "account.service_fee_rate: only the pro and enterprise"),
+        (
+            {"account": {"service_fee_rate": "0"}},
+            "account.service_fee_rate: only the pro and enterprise",
+        ),
         ({"providers": [raw_provider(region="")]}, "providers[0].region:"),
         ({"providers": [raw_provider(base_url="ftp://x")]}, "providers[0].base_url:"),
-        ({"providers": [raw_provider(models={"m": {"input_per_mtok": 0.1, "output_per_mtok": "1"}})]},
-         "providers[0].models.m.input_per_mtok: write money as a decimal string"),
-        ({"providers": [raw_provider(models={"m": {"kind": "image", "input_per_mtok": "1"}})]},
-         "providers[0].models.m: an image model needs per_image"),
-        ({"providers": [raw_provider(models={"m": {"kind": "video", "per_second": "1", "per_image": "1"}})]},
-         "providers[0].models.m: a video model cannot have per_image"),
-        ({"providers": [raw_provider(), raw_provider()]}, "providers[1].name: 'alpha' is used twice"),
-        ({"providers": [raw_provider()], "aliases": {"x": ["nope"]}}, "aliases.x: 'nope' is not a model"),
-        ({"providers": [raw_provider()], "preferences": {"providers": ["beta"]}},
-         "preferences.providers: 'beta' is not configured"),
-        ({"providers": [raw_provider(api_key="sk-inline")]}, "providers[0].api_key: keys never go in the config file"),
+        (
+            {
+                "providers": [
+                    raw_provider(models={"m": {"input_per_mtok": 0.1, "output_per_mtok": "1"}})
+                ]
+            },
+            "providers[0].models.m.input_per_mtok: write money as a decimal string",
+        ),
+        (
+            {"providers": [raw_provider(models={"m": {"kind": "image", "input_per_mtok": "1"}})]},
+            "providers[0].models.m: an image model needs per_image",
+        ),
+        (
+            {
+                "providers": [
+                    raw_provider(
+                        models={"m": {"kind": "video", "per_second": "1", "per_image": "1"}}
+                    )
+                ]
+            },
+            "providers[0].models.m: a video model cannot have per_image",
+        ),
+        (
+            {"providers": [raw_provider(), raw_provider()]},
+            "providers[1].name: 'alpha' is used twice",
+        ),
+        (
+            {"providers": [raw_provider()], "aliases": {"x": ["nope"]}},
+            "aliases.x: 'nope' is not a model",
+        ),
+        (
+            {"providers": [raw_provider()], "preferences": {"providers": ["beta"]}},
+            "preferences.providers: 'beta' is not configured",
+        ),
+        (
+            {"providers": [raw_provider(api_key="sk-inline")]},
+            "providers[0].api_key: keys never go in the config file",
+        ),
     ],
 )
 def test_each_problem_names_its_key_path(raw, expected):
@@ -70,7 +106,9 @@ def test_each_problem_names_its_key_path(raw, expected):
 
 
 def test_every_problem_is_reported_at_once():
-    found = problems({"server": {"bogus": 1}, "routing": {"max_providers": 0}, "log": {"level": "loud"}})
+    found = problems(
+        {"server": {"bogus": 1}, "routing": {"max_providers": 0}, "log": {"level": "loud"}}
+    )
     assert len(found) == 3
 
 
@@ -89,7 +127,9 @@ def test_key_from_env_file_and_credential(tmp_path: Path):
             raw_provider(name="gamma", api_key_credential="gamma"),
         ]
     }
-    settings = config.from_mapping(raw, environ={"ALPHA_KEY": "sk-from-env", "CREDENTIALS_DIRECTORY": str(creds)})
+    settings = config.from_mapping(
+        raw, environ={"ALPHA_KEY": "sk-from-env", "CREDENTIALS_DIRECTORY": str(creds)}
+    )
     keys = [p.api_key.get_secret_value() for p in settings.providers]
     assert keys == ["sk-from-env", "sk-from-file", "sk-from-credential"]
     assert "sk-from" not in repr(settings)
@@ -100,11 +140,20 @@ def test_world_readable_key_file_is_refused(tmp_path: Path):
     key_file.write_text("sk-secret")
     os.chmod(key_file, 0o644)
     found = problems({"providers": [raw_provider(api_key_file=str(key_file))]})
-    assert found == [f"providers[0].api_key_file: {key_file} is readable by every user; run `chmod 600 {key_file}` first"]
+    assert found == [
+        f"providers[0].api_key_file: {key_file} is readable by every user; run `chmod 600 {key_file}` first"
+    ]
 
 
 def test_missing_env_key_and_credentials_directory():
-    found = problems({"providers": [raw_provider(api_key_env="NOPE"), raw_provider(name="b", api_key_credential="b")]})
+    found = problems(
+        {
+            "providers": [
+                raw_provider(api_key_env="NOPE"),
+                raw_provider(name="b", api_key_credential="b"),
+            ]
+        }
+    )
     assert found[0].startswith("providers[0].api_key_env: environment variable NOPE is not set")
     assert found[1].startswith("providers[1].api_key_credential: $CREDENTIALS_DIRECTORY is not set")
 

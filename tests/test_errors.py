@@ -34,7 +34,11 @@ async def post(sidecar, body: bytes, **headers: str) -> tuple[int, dict, dict]:
         (b'{"messages": []}', 400, "invalid_request"),
         (b'{"model": 42, "messages": []}', 400, "invalid_request"),
         (b'{"model": "no-such-model", "messages": []}', 404, "model_not_found"),
-        (b'{"model": "deepseek-v3.2", "messages": [], "pad": "' + b"x" * 4096 + b'"}', 413, "request_too_large"),
+        (
+            b'{"model": "deepseek-v3.2", "messages": [], "pad": "' + b"x" * 4096 + b'"}',
+            413,
+            "request_too_large",
+        ),
     ],
 )
 async def test_request_errors(sidecar, body, status, code):

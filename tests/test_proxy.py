@@ -8,7 +8,9 @@ from .conftest import TEST_KEY, provider
 from .fakes import ok
 
 
-async def test_chat_non_stream_reaches_upstream_with_stored_key(start_sidecar, make_settings, fake_upstream):
+async def test_chat_non_stream_reaches_upstream_with_stored_key(
+    start_sidecar, make_settings, fake_upstream
+):
     fake = await fake_upstream()
     fake.script(ok(content="Hello from alpha"))
     sidecar = await start_sidecar(make_settings([provider("alpha", fake.url)]))
@@ -27,7 +29,9 @@ async def test_chat_non_stream_reaches_upstream_with_stored_key(start_sidecar, m
     assert "sk-client-token-never-forwarded" not in str(dict(seen.headers))
 
 
-async def test_stream_chunks_arrive_as_the_upstream_sends_them(start_sidecar, make_settings, fake_upstream):
+async def test_stream_chunks_arrive_as_the_upstream_sends_them(
+    start_sidecar, make_settings, fake_upstream
+):
     fake = await fake_upstream()
     fake.script(ok(content="one two three four", chunk_delay_s=0.3))
     sidecar = await start_sidecar(make_settings([provider("alpha", fake.url)]))
