@@ -141,7 +141,8 @@ def test_world_readable_key_file_is_refused(tmp_path: Path):
     os.chmod(key_file, 0o644)
     found = problems({"providers": [raw_provider(api_key_file=str(key_file))]})
     assert found == [
-        f"providers[0].api_key_file: {key_file} is readable by every user; run `chmod 600 {key_file}` first"
+        f"providers[0].api_key_file: {key_file} is readable by every user; "
+        f"run `chmod 600 {key_file}` first"
     ]
 
 
