@@ -693,6 +693,7 @@ def render(
         f"Command: `{command}`. Driver on CPU 0, servers on CPU 1.",
         "req/s is streams/s for stream rows; p50/p99 are time to first content token there.",
         "",
+        "",
     ]
     tail = ["", "ledger_bench.py:", "```", extra, "```"] if extra else []
     return "\n".join(head) + table(rows, refs) + "\n" + "\n".join(tail)
