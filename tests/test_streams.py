@@ -299,3 +299,19 @@ async def test_fakes_count_no_orphaned_connections_after_cancel(
 async def _no_connections(fake: FakeUpstream) -> None:
     while fake.open_connections:
         await asyncio.sleep(0.01)
+
+
+async def test_comments_and_keep_alives_mid_stream_do_not_end_it(
+    start_sidecar, make_settings, fake_upstream
+):
+    sidecar, alpha, _ = await pair(start_sidecar, make_settings, fake_upstream)
+    role = {"choices": [{"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}]}
+    one = {"choices": [{"index": 0, "delta": {"content": "one"}, "finish_reason": None}]}
+    two = {"choices": [{"index": 0, "delta": {"content": " two"}, "finish_reason": "stop"}]}
+    alpha.script(sse(": PROCESSING\n\n", role, ": keep-alive\n\n", one, ": ping\n\n", two))
+    code, _, events = await read_events(sidecar, STREAM)
+    assert code == 200
+    assert text_of(events) == "one two"
+    assert events[-1] == "[DONE]"
+    [line] = sidecar.ledger_lines()
+    assert line["outcome"] == "ok"

@@ -33,8 +33,8 @@ async def relay_stream(
     outcome = "stream_cut"
     try:
         await response.prepare(request)
-        for payload, chunk in stream.held:
-            await _forward(response, payload, chunk, tally, assembler, client_wants_usage)
+        for held, held_chunk in stream.held:
+            await _forward(response, held, held_chunk, tally, assembler, client_wants_usage)
         while True:
             try:
                 payload = await stream.next_payload()
