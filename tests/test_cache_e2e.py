@@ -49,6 +49,15 @@ def chat_calls(fake: Any) -> int:
     return sum(1 for r in fake.requests if r.path.endswith("/chat/completions"))
 
 
+async def upstream_reached(fake: Any, calls: int = 1) -> None:
+    """Wait (bounded) until the fake has seen ``calls`` chat requests: ordering, not timing."""
+    async def poll() -> None:
+        while chat_calls(fake) < calls:
+            await asyncio.sleep(0.01)
+
+    await asyncio.wait_for(poll(), timeout=10)
+
+
 async def metrics_text(sidecar: Any) -> str:
     async with aiohttp.ClientSession() as session:
         async with session.get(f"{sidecar.base_url}/metrics") as response:
@@ -287,6 +296,43 @@ async def test_a_non_stream_request_hits_an_entry_a_stream_produced(
     assert completion.choices[0].finish_reason == "stop"
     assert completion.usage is not None and completion.usage.prompt_tokens == 10
     assert chat_calls(fake) == 1
+    paid, hit = sidecar.ledger_lines()
+    assert (paid["stream"], paid["usage_source"]) == (True, "reported")
+    assert hit["outcome"] == "cache_hit" and hit["saved_usd"] == paid["total_usd"] != "0"
+
+
+async def test_a_text_completion_stream_hit_is_replayed(
+    start_sidecar, make_settings, fake_upstream
+):
+    sidecar, fake = await one_sidecar(start_sidecar, make_settings, fake_upstream)
+    fake.script(ok(content="once upon a time"))
+    client = sidecar.client()
+    args = {"model": "deepseek-v3.2", "prompt": "Tell a story", "temperature": 0}
+    stored = await client.completions.create(**args)
+    raw = await client.completions.with_raw_response.create(**args, stream=True)
+    assert raw.headers["X-TokenHub-Cache"] == "hit"
+    text = "".join([c.choices[0].text async for c in raw.parse() if c.choices])
+    assert text == stored.choices[0].text == "once upon a time"
+    assert sum(1 for r in fake.requests if r.path.endswith("/v1/completions")) == 1
+
+
+async def test_a_stream_leader_answers_concurrent_non_stream_requests(
+    start_sidecar, make_settings, fake_upstream
+):
+    sidecar, fake = await one_sidecar(start_sidecar, make_settings, fake_upstream)
+    fake.script(ok(content="one call for all shapes", chunk_delay_s=0.05, delay_s=0.2))
+    leader = asyncio.create_task(post(sidecar, chat_body(stream=True)))
+    await upstream_reached(fake)
+    followers = [post(sidecar, chat_body()) for _ in range(5)]
+    results = await asyncio.wait_for(asyncio.gather(leader, *followers), timeout=20)
+    assert chat_calls(fake) == 1
+    code, headers, body = results[0]
+    assert code == 200 and headers["X-TokenHub-Cache"] == "miss"
+    assert body.endswith(b"data: [DONE]\n\n")
+    for code, headers, body in results[1:]:
+        assert code == 200 and headers["X-TokenHub-Cache"] == "hit"
+        assert headers["Content-Type"].startswith("application/json")
+        assert b"one call for all shapes" in body
 
 
 async def test_a_cut_stream_is_not_cached(start_sidecar, make_settings, fake_upstream):
@@ -447,7 +493,7 @@ async def test_a_cancelled_leader_hands_the_call_to_a_waiter(
     sidecar, fake = await one_sidecar(start_sidecar, make_settings, fake_upstream)
     fake.script(stall(5), ok(content="second try", delay_s=0.2))
     leader = asyncio.create_task(post(sidecar, chat_body()))
-    await asyncio.sleep(0.2)
+    await upstream_reached(fake)
     waiters = [asyncio.create_task(post(sidecar, chat_body())) for _ in range(5)]
     await asyncio.sleep(0.2)
     leader.cancel()
