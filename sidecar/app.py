@@ -183,7 +183,7 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
             )
             if request.content_length and request.content_length > server.max_body_bytes:
                 raise _too_large(server.max_body_bytes)
-        response = await handler(request)
+        response = _redact_error_body(await handler(request), runtime.redactor)
         return response
     except SidecarError as exc:
         response = _error_response(exc, runtime.redactor)
@@ -202,6 +202,18 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
         return response
     finally:
         _log_line(request, response)
+
+
+def _redact_error_body(response: web.StreamResponse, redactor: Redactor) -> web.StreamResponse:
+    """An upstream 4xx passed back as it came may echo our key (``Incorrect API key: sk-...``)."""
+    if response.status < 400 or not isinstance(response, web.Response):
+        return response
+    if isinstance(response.body, bytes):
+        text = response.body.decode("utf-8", "replace")
+        clean = redactor(text)
+        if clean != text:
+            response.body = clean.encode()
+    return response
 
 
 def _too_large(limit: int) -> RequestTooLarge:
