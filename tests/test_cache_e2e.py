@@ -573,3 +573,24 @@ async def test_cache_results_bytes_and_evictions_show_at_metrics(
     assert metric(text, "tokenhub_cache_entries") == stats.entries
     assert metric(text, "tokenhub_cache_bytes") == stats.bytes <= 1500
     assert metric(text, "tokenhub_cache_requests_total", 'result="miss"') == 6
+
+
+async def test_a_stream_leader_whose_client_leaves_hands_the_call_to_the_waiters(
+    start_sidecar, make_settings, fake_upstream
+):
+    sidecar, fake = await one_sidecar(start_sidecar, make_settings, fake_upstream)
+    fake.script(ok(content="a b c d e f g h", chunk_delay_s=0.1), ok(content="second call"))
+    session = aiohttp.ClientSession()
+    response = await session.post(
+        f"{sidecar.base_url}/v1/chat/completions", json=chat_body(stream=True)
+    )
+    await response.content.readline()  # the stream is committed: content is flowing
+    waiters = [asyncio.create_task(post(sidecar, chat_body())) for _ in range(5)]
+    await asyncio.sleep(0.05)
+    response.close()
+    await session.close()
+    results = await asyncio.wait_for(asyncio.gather(*waiters), timeout=20)
+    assert all(code == 200 and b"second call" in body for code, _, body in results)
+    assert chat_calls(fake) == 2
+    outcomes = sorted(line["outcome"] for line in sidecar.ledger_lines())
+    assert outcomes == ["cache_hit"] * 4 + ["client_cancelled", "ok"]
