@@ -1,0 +1,246 @@
+"""``POST /v1/responses``: routed on ``model`` like chat. A non-stream call takes the chat
+pipeline as is (its ``usage`` shape is read by billing); a stream has typed events, so its commit
+point and its usage (the ``response.completed`` event) are handled here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from .. import billing, wire
+from ..billing import Usage
+from ..scope import Target
+from ..state import LIVE, Runtime
+from ..upstream import Upstream, UpstreamError
+from ..wire import SSEDecoder
+from . import model, passthrough
+from .exchange import CHARS_PER_TOKEN, Exchange, Surface, record
+from .media import respond_reply, walk_recorded
+from .passthrough import Reply
+
+__all__ = ["RESPONSES", "handle"]
+
+RESPONSES = Surface("/v1/responses", "/responses", frozenset({"chat"}), True)
+
+# Events before anything a user sees: held back, so the stream can still fail over.
+_PREAMBLE = frozenset({"response.created", "response.in_progress", "response.queued"})
+_FINAL = frozenset({"response.completed", "response.incomplete"})
+
+
+async def handle(request: web.Request) -> web.StreamResponse:
+    body = wire.parse_object(await request.read())
+    if not wire.wants_stream(body):
+        return await model.handle(request, RESPONSES)
+    runtime = request.app[LIVE].current
+    runtime.enter()
+    try:
+        async with runtime.cap:
+            runtime.bucket.take()
+            return await _stream(request, runtime, body)
+    finally:
+        runtime.leave()
+
+
+class _Opened:
+    """An upstream stream past its commit point: the events held so far, and the decoder."""
+
+    def __init__(self, target: Target, response: aiohttp.ClientResponse) -> None:
+        self.target = target
+        self.response = response
+        self.decoder = SSEDecoder()
+        self.held: list[dict[str, Any]] = []
+        self.pending: list[bytes | None] = []
+
+    async def next_event(self, timeout_s: float) -> dict[str, Any] | None:
+        """The next event (None at the end of the body); UpstreamError on a stall or cut."""
+        while True:
+            while self.pending:
+                payload = self.pending.pop(0)
+                if payload is None or payload == b"[DONE]":
+                    continue
+                try:
+                    event = orjson.loads(payload)
+                except orjson.JSONDecodeError:
+                    raise UpstreamError("stream event is not JSON") from None
+                if not isinstance(event, dict):
+                    raise UpstreamError("stream event is not a JSON object")
+                return event
+            try:
+                async with asyncio.timeout(timeout_s):
+                    data = await self.response.content.readany()
+            except TimeoutError:
+                raise UpstreamError(f"no data within {timeout_s:g}s") from None
+            except (aiohttp.ClientError, ConnectionError) as exc:
+                raise UpstreamError(f"stream cut: {type(exc).__name__}") from None
+            if not data:
+                return None
+            self.pending.extend(self.decoder.feed(data))
+
+
+def is_content(event: dict[str, Any]) -> bool:
+    return event.get("type") not in _PREAMBLE
+
+
+async def _stream(
+    request: web.Request, runtime: Runtime, body: dict[str, Any]
+) -> web.StreamResponse:
+    exchange = passthrough.prepare(
+        request,
+        RESPONSES,
+        runtime,
+        body,
+        wire.model_of(body),
+        max(1, len(orjson.dumps(body)) // CHARS_PER_TOKEN),
+    )
+    exchange.stream = True
+    settings = runtime.settings.routing
+
+    async def send(upstream: Upstream, target: Target) -> aiohttp.ClientResponse:
+        upstream_body = orjson.dumps({**body, "model": target.upstream_model})
+        return await upstream.open(RESPONSES.upstream_path, upstream_body)
+
+    async def settle(target: Target, response: aiohttp.ClientResponse) -> Reply | _Opened:
+        if response.status >= 400:
+            return await passthrough.read_reply(
+                target, response, timeout_s=settings.idle_timeout_s, json=False
+            )
+        if not response.headers.get("Content-Type", "").startswith(wire.SSE_TYPE):
+            raise UpstreamError("stream is not SSE")
+        return await _until_content(_Opened(target, response), settings.first_token_timeout_s)
+
+    answer = await walk_recorded(exchange, send, settle)
+    if isinstance(answer, Reply):
+        return await respond_reply(exchange, answer, lambda *_: (Usage(), "none"))
+    return await _forward(request, exchange, answer)
+
+
+async def _until_content(opened: _Opened, timeout_s: float) -> _Opened:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while True:
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            raise UpstreamError(f"no content within {timeout_s:g}s")
+        event = await opened.next_event(remaining)
+        if event is None:
+            raise UpstreamError("stream ended before any content")
+        if event.get("type") in ("error", "response.failed"):
+            raise UpstreamError("error event before any content")
+        opened.held.append(event)
+        if is_content(event):
+            return opened
+
+
+async def _forward(request: web.Request, exchange: Exchange, opened: _Opened) -> web.StreamResponse:
+    """Send the held events, then the rest; the ledger line goes out before the last event."""
+    target = opened.target
+    attempts = exchange.trail.attempts
+    response = web.StreamResponse(headers=exchange.base_headers(target, len(attempts), "bypass"))
+    response.content_type = wire.SSE_TYPE
+    exchange.info.status = 200
+    tally = _Tally()
+    idle = exchange.runtime.settings.routing.idle_timeout_s
+    try:
+        await response.prepare(request)
+        for held in opened.held:
+            await _send_event(response, held, tally, final=False)
+        outcome = "stream_cut"
+        while True:
+            try:
+                event = await opened.next_event(idle)
+            except UpstreamError as exc:
+                attempts[-1].reason = exc.reason
+                break
+            if event is None:
+                attempts[-1].reason = "stream ended without response.completed"
+                break
+            if event.get("type") in _FINAL:
+                tally.see(event)
+                outcome = "ok"
+                await _record(exchange, target, outcome, tally)
+                await _send_event(response, event, tally, final=True)
+                break
+            if event.get("type") in ("error", "response.failed"):
+                attempts[-1].reason = "error event after content"
+                await _send_event(response, event, tally, final=False)
+                break
+            await _send_event(response, event, tally, final=False)
+        opened.response.close()
+        if outcome != "ok":
+            await _record(exchange, target, outcome, tally)
+            await response.write(_interrupted())
+        await response.write_eof()
+    except (ConnectionError, asyncio.CancelledError):
+        opened.response.close()
+        if not exchange.recorded:
+            await asyncio.shield(_record(exchange, target, "client_cancelled", tally))
+        raise
+    return response
+
+
+class _Tally:
+    def __init__(self) -> None:
+        self.usage: Usage | None = None
+        self.output_chars = 0
+
+    def see(self, event: dict[str, Any]) -> None:
+        if event.get("type") == "response.output_text.delta" and isinstance(
+            event.get("delta"), str
+        ):
+            self.output_chars += len(event["delta"])
+        inner = event.get("response")
+        if isinstance(inner, dict) and inner.get("usage"):
+            self.usage = billing.usage_from_openai(inner.get("usage"))
+
+
+async def _send_event(
+    response: web.StreamResponse, event: dict[str, Any], tally: _Tally, *, final: bool
+) -> None:
+    if not final:
+        tally.see(event)
+    kind = event.get("type")
+    head = f"event: {kind}\n".encode() if isinstance(kind, str) and "\n" not in kind else b""
+    await response.write(head + b"data: " + orjson.dumps(event) + b"\n\n")
+
+
+def _interrupted() -> bytes:
+    error = {
+        "type": "error",
+        "code": "stream_interrupted",
+        "message": "upstream stream interrupted; the answer above is incomplete, retry the request",
+        "param": None,
+    }
+    return b"event: error\ndata: " + orjson.dumps({**error, "error": error}) + b"\n\n"
+
+
+async def _record(exchange: Exchange, target: Target, outcome: str, tally: _Tally) -> None:
+    if tally.usage is not None:
+        usage, source = tally.usage, "reported"
+    else:
+        usage = Usage(
+            input_tokens=exchange.input_estimate,
+            output_tokens=-(-tally.output_chars // CHARS_PER_TOKEN),
+        )
+        source = "estimated"
+    cost = billing.cost(usage, target.spec, exchange.runtime.fee_rate)
+    attempts = exchange.trail.attempts
+    if outcome == "ok":
+        exchange.spent = cost.total
+        await record(exchange, target, attempts, 200, outcome, usage, source, cost)
+    else:
+        await record(
+            exchange,
+            target,
+            attempts,
+            200,
+            outcome,
+            usage,
+            source,
+            billing.ZERO,
+            estimated=cost.total,
+        )
