@@ -16,7 +16,7 @@ from .budget import Budget
 from .cache import ResponseCache, SingleFlight
 from .config import Settings
 from .errors import MethodNotAllowed, NotFound, RequestTooLarge, SidecarError
-from .handlers import model, models, operator
+from .handlers import media, model, models, operator, responses, videos
 from .handlers.context import INFO, new_request_info
 from .health import HealthBook, Prober
 from .ledger import Ledger
@@ -310,6 +310,14 @@ def create_app(settings: Settings, *, ledger: Ledger | None = None) -> web.Appli
             web.post("/v1/chat/completions", partial(model.handle, surface=model.CHAT)),
             web.post("/v1/completions", partial(model.handle, surface=model.COMPLETIONS)),
             web.post("/v1/embeddings", partial(model.handle, surface=model.EMBEDDINGS)),
+            web.post("/v1/responses", responses.handle),
+            web.post("/v1/images/generations", media.images_generations),
+            web.post("/v1/images/edits", media.images_edits),
+            web.post("/v1/audio/transcriptions", media.transcriptions),
+            web.post("/v1/audio/speech", media.speech),
+            web.post("/v1/videos", videos.create_video),
+            web.get("/v1/videos/{video_id}", videos.retrieve_video),
+            web.get("/v1/videos/{video_id}/content", videos.video_content),
             web.get("/v1/models", models.list_models),
             web.get("/v1/models/{model_id:.+}", models.get_model),
             web.get("/-/health", operator.health),
@@ -319,4 +327,5 @@ def create_app(settings: Settings, *, ledger: Ledger | None = None) -> web.Appli
             web.get("/metrics", operator.metrics),
         ]
     )
+    videos.install(app)
     return app
