@@ -28,7 +28,15 @@ __all__ = ["RESPONSES", "handle"]
 RESPONSES = Surface("/v1/responses", "/responses", frozenset({"chat"}), True)
 
 # Events before anything a user sees: held back, so the stream can still fail over.
-_PREAMBLE = frozenset({"response.created", "response.in_progress", "response.queued"})
+_PREAMBLE = frozenset(
+    {
+        "response.created",
+        "response.in_progress",
+        "response.queued",
+        "response.output_item.added",
+        "response.content_part.added",
+    }
+)
 _FINAL = frozenset({"response.completed", "response.incomplete"})
 
 

@@ -1,0 +1,193 @@
+"""POST /v1/responses through the sidecar with the openai SDK: routing, failover, usage, ledger."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from decimal import Decimal
+from typing import Any
+
+import openai
+import pytest
+
+from sidecar import billing
+from sidecar.billing import Usage
+from sidecar.config import Settings
+
+from .conftest import PRICES, RunningSidecar, provider
+from .fakes import FakeUpstream, sse, status
+
+MODELS = {"gpt-4o-mini": {"upstream": "up-mini", **PRICES}}
+USAGE = {
+    "input_tokens": 100,
+    "input_tokens_details": {"cached_tokens": 20},
+    "output_tokens": 50,
+    "output_tokens_details": {"reasoning_tokens": 0},
+    "total_tokens": 150,
+}
+
+
+def response_body(text: str = "Hello there", usage: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {
+        "id": "resp_1",
+        "object": "response",
+        "created_at": 1735689600,
+        "model": "up-mini",
+        "status": "completed",
+        "output": [
+            {
+                "id": "msg_1",
+                "type": "message",
+                "role": "assistant",
+                "status": "completed",
+                "content": [{"type": "output_text", "text": text, "annotations": []}],
+            }
+        ],
+        "parallel_tool_calls": True,
+        "tool_choice": "auto",
+        "tools": [],
+        "usage": usage if usage is not None else USAGE,
+    }
+
+
+def stream_events(words: list[str]) -> list[dict[str, Any]]:
+    started = {**response_body(), "status": "in_progress", "output": [], "usage": None}
+    item = {"id": "msg_1", "type": "message", "role": "assistant", "status": "in_progress"}
+    events: list[dict[str, Any]] = [
+        {"type": "response.created", "response": started},
+        {"type": "response.in_progress", "response": started},
+        {"type": "response.output_item.added", "output_index": 0, "item": {**item, "content": []}},
+        {
+            "type": "response.content_part.added",
+            "item_id": "msg_1",
+            "output_index": 0,
+            "content_index": 0,
+            "part": {"type": "output_text", "text": "", "annotations": []},
+        },
+    ]
+    for word in words:
+        events.append(
+            {
+                "type": "response.output_text.delta",
+                "item_id": "msg_1",
+                "output_index": 0,
+                "content_index": 0,
+                "delta": word,
+                "logprobs": [],
+            }
+        )
+    events.append({"type": "response.completed", "response": response_body("".join(words))})
+    return [{**e, "sequence_number": n} for n, e in enumerate(events)]
+
+
+def expected_total(usage: Usage) -> str:
+    spec_prices = {k: Decimal(v) for k, v in PRICES.items()}
+    model_fee = (
+        (usage.input_tokens - usage.cached_tokens) * spec_prices["input_per_mtok"]
+        + usage.cached_tokens * spec_prices["cached_input_per_mtok"]
+        + usage.output_tokens * spec_prices["output_per_mtok"]
+    ).scaleb(-6)
+    return billing.usd(model_fee * Decimal("1.03"))
+
+
+StartSidecar = Callable[[Settings], Awaitable[RunningSidecar]]
+
+
+@pytest.fixture
+async def two(
+    fake_upstream: Callable[..., Awaitable[FakeUpstream]],
+    make_settings: Callable[..., Settings],
+    start_sidecar: StartSidecar,
+) -> tuple[FakeUpstream, FakeUpstream, RunningSidecar]:
+    alpha, beta = await fake_upstream(), await fake_upstream()
+    settings = make_settings(
+        [
+            provider("alpha", alpha.url, "eu", models=MODELS),
+            provider("beta", beta.url, "us", models=MODELS),
+        ],
+        routing={"sticky": False},
+    )
+    return alpha, beta, await start_sidecar(settings)
+
+
+async def test_create_routes_rewrites_model_and_bills_responses_usage(
+    two: tuple[FakeUpstream, FakeUpstream, RunningSidecar],
+) -> None:
+    alpha, beta, sidecar = two
+    alpha.script(status(200, body=response_body()))
+    reply = await sidecar.client().responses.create(model="gpt-4o-mini", input="Say hello")
+    assert reply.output_text == "Hello there"
+    assert len(alpha.requests) == 1 and not beta.requests
+    sent = alpha.requests[0]
+    assert sent.path == "/v1/responses"
+    assert sent.json["model"] == "up-mini" and sent.json["input"] == "Say hello"
+    assert sent.headers["Authorization"].endswith("-alpha")
+    (line,) = sidecar.ledger_lines()
+    assert line["endpoint"] == "/v1/responses" and line["provider"] == "alpha"
+    assert line["billable"] is True and line["outcome"] == "ok"
+    assert line["usage"]["input_tokens"] == 100 and line["usage"]["cached_tokens"] == 20
+    assert line["total_usd"] == expected_total(Usage(100, 50, 20))
+
+
+async def test_create_fails_over_within_the_region_bound(
+    two: tuple[FakeUpstream, FakeUpstream, RunningSidecar],
+) -> None:
+    alpha, beta, sidecar = two
+    beta.script(status(503))
+    client = sidecar.client(default_headers={"X-TokenHub-Regions": "us"})
+    with pytest.raises(openai.APIStatusError) as failed:
+        await client.responses.create(model="gpt-4o-mini", input="hi")
+    assert failed.value.status_code == 502
+    assert not alpha.requests, "the region bound kept alpha (eu) out even on failover"
+    # Without the narrowing header, a failing alpha hands over to beta.
+    alpha.script(status(503))
+    beta.script(status(200, body=response_body("from beta")))
+    reply = await sidecar.client().responses.create(model="gpt-4o-mini", input="hi")
+    assert reply.output_text == "from beta"
+    line = sidecar.ledger_lines()[-1]
+    assert [a["provider"] for a in line["attempts"]] == ["alpha", "beta"]
+    assert line["provider"] == "beta" and line["billable"] is True
+
+
+async def test_stream_with_the_sdk_helper_bills_the_completed_event(
+    two: tuple[FakeUpstream, FakeUpstream, RunningSidecar],
+) -> None:
+    alpha, beta, sidecar = two
+    alpha.script(sse(*stream_events(["Hel", "lo"]), done=False))
+    deltas: list[str] = []
+    async with sidecar.client().responses.stream(model="gpt-4o-mini", input="hi") as stream:
+        async for event in stream:
+            if event.type == "response.output_text.delta":
+                deltas.append(event.delta)
+        final = await stream.get_final_response()
+    assert deltas == ["Hel", "lo"]
+    assert final.output_text == "Hello"
+    assert alpha.requests[0].json["stream"] is True
+    assert "stream_options" not in alpha.requests[0].json
+    (line,) = sidecar.ledger_lines()
+    assert line["stream"] is True and line["outcome"] == "ok"
+    assert line["usage_source"] == "reported"
+    assert line["total_usd"] == expected_total(Usage(100, 50, 20))
+
+
+async def test_stream_fails_over_before_content_and_marks_a_cut_after_it(
+    two: tuple[FakeUpstream, FakeUpstream, RunningSidecar],
+) -> None:
+    alpha, beta, sidecar = two
+    events = stream_events(["one ", "two"])
+    alpha.script(sse(*events[:4], done=False))  # preamble only, then the body ends
+    beta.script(sse(*events, done=False))
+    stream = await sidecar.client().responses.create(model="gpt-4o-mini", input="hi", stream=True)
+    seen = [event.type async for event in stream]
+    assert seen[-1] == "response.completed"
+    line = sidecar.ledger_lines()[-1]
+    assert [a["provider"] for a in line["attempts"]] == ["alpha", "beta"]
+    assert line["provider"] == "beta" and line["billable"] is True
+    # Content, then the upstream stops without response.completed: an error event, no bill.
+    alpha.script(sse(*events[:5], done=False))
+    stream = await sidecar.client().responses.create(model="gpt-4o-mini", input="hi", stream=True)
+    with pytest.raises(openai.APIError):
+        async for _ in stream:
+            pass
+    line = sidecar.ledger_lines()[-1]
+    assert line["outcome"] == "stream_cut" and line["billable"] is False
+    assert line["total_usd"] == "0" and line["usage_source"] == "estimated"
