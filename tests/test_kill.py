@@ -71,7 +71,7 @@ def _verify(ledger: Path) -> subprocess.CompletedProcess[str]:
 async def test_sigkill_mid_load_keeps_exactly_one_line_per_completed_answer(
     tmp_path: Path, fake_upstream: Any
 ) -> None:
-    fake: FakeUpstream = await fake_upstream(default=ok("one two three", delay_s=0.01))
+    fake: FakeUpstream = await fake_upstream(default=ok("one two three", delay_s=0.05))
     path = write_config(
         tmp_path / "config.toml",
         [provider("alpha", fake.url)],
