@@ -20,6 +20,7 @@ from .fakes import (
     slow_chunks,
     slow_first_token,
     sse,
+    stall,
     status,
 )
 
@@ -81,6 +82,7 @@ PRE_CONTENT_FAILURES = {
     ),
     "ends before content": sse({"choices": [{"index": 0, "delta": {"role": "assistant"}}]}),
     "503": status(503),
+    "stall before headers": stall(2.0),
 }
 
 
@@ -315,3 +317,30 @@ async def test_comments_and_keep_alives_mid_stream_do_not_end_it(
     assert events[-1] == "[DONE]"
     [line] = sidecar.ledger_lines()
     assert line["outcome"] == "ok"
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "non-stream"])
+async def test_a_client_that_goes_away_before_headers_closes_the_upstream_request(
+    start_sidecar, make_settings, fake_upstream, stream
+):
+    sidecar, alpha, beta = await pair(
+        start_sidecar, make_settings, fake_upstream, first_byte_timeout_s=30
+    )
+    alpha.script(stall(20.0))
+    async with aiohttp.ClientSession() as session:
+        task = asyncio.ensure_future(
+            session.post(
+                f"{sidecar.base_url}/v1/chat/completions", json={**STREAM, "stream": stream}
+            )
+        )
+        while not alpha.requests:
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.wait_for(alpha.client_gone.wait(), 0.1)
+    await asyncio.wait_for(_ledger_has_line(sidecar), 2.0)
+    [line] = sidecar.ledger_lines()
+    assert line["outcome"] == "client_cancelled" and line["billable"] is False
+    assert line["attempts"] == [{**line["attempts"][0], "provider": "alpha", "status": None}]
+    assert beta.requests == []
