@@ -177,6 +177,7 @@ async def _from_upstream(request: web.Request, exchange: Exchange) -> web.Stream
             return await _respond_answer(exchange, opened)
         answer = await runtime.relay.call(path, exchange.plan, exchange.body, exchange.scope, trail)
     except AllAttemptsFailed as exc:
+        exchange.info.attempts = len(trail.attempts)
         await record_unanswered(exchange, exc.status, "upstream_failed")
         raise
     except asyncio.CancelledError:
