@@ -126,6 +126,8 @@ class OpenStream:
                     raise UpstreamError("stream ended inside an event")
                 return None
             self.pending.extend(self.decoder.feed(data))
+            if len(self.decoder.pending) > MAX_EVENT_BYTES:
+                raise UpstreamError("stream event too large (not SSE?)")
 
     def close(self) -> None:
         """Drop the upstream connection at once (stops generation; never returned to the pool)."""

@@ -13,6 +13,7 @@ import pytest
 from .conftest import provider
 from .fakes import (
     FakeUpstream,
+    Sse,
     cut_after_content,
     cut_before_content,
     garbage,
@@ -344,3 +345,19 @@ async def test_a_client_that_goes_away_before_headers_closes_the_upstream_reques
     assert line["outcome"] == "client_cancelled" and line["billable"] is False
     assert line["attempts"] == [{**line["attempts"][0], "provider": "alpha", "status": None}]
     assert beta.requests == []
+
+
+async def test_an_endless_event_after_content_cuts_the_stream(
+    start_sidecar, make_settings, fake_upstream
+):
+    sidecar, alpha, _ = await pair(start_sidecar, make_settings, fake_upstream)
+    one = {"choices": [{"index": 0, "delta": {"content": "one"}, "finish_reason": None}]}
+    two = {"choices": [{"index": 0, "delta": {"content": " two"}, "finish_reason": "stop"}]}
+    alpha.script(Sse([one, b"x" * (2 << 20), two], chunk_delay_s=0.05))
+    code, _, events = await read_events(sidecar, STREAM)
+    assert code == 200
+    assert text_of(events) == "one"
+    assert_ends_with_one_error_event(events)
+    [line] = sidecar.ledger_lines()
+    assert line["outcome"] == "stream_cut"
+    assert line["attempts"][0]["reason"] == "stream event too large (not SSE?)"
