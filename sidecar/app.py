@@ -20,7 +20,7 @@ from .handlers import media, model, models, operator, responses, videos
 from .handlers.context import INFO, new_request_info
 from .health import HealthBook, Prober
 from .ledger import Ledger
-from .log import Redactor, get_logger
+from .log import Redactor, RequestLog, get_logger
 from .metrics import Metrics
 from .ratelimit import ConcurrencyCap, TokenBucket
 from .relay import Relay
@@ -39,6 +39,7 @@ BUDGET = web.AppKey("budget", Budget)
 METRICS = web.AppKey("metrics", Metrics)
 SETTINGS = web.AppKey("settings", Settings)
 BACKGROUND = web.AppKey("background", set[asyncio.Task[None]])
+REQUEST_LOG = web.AppKey("request_log", RequestLog)
 
 
 def redactor_for(settings: Settings) -> Redactor:
@@ -261,20 +262,20 @@ def _log_line(request: web.Request, response: web.StreamResponse | None) -> None
     info = request[INFO]
     status = info.status or (response.status if response is not None else 499)
     latency_ms = round((time.monotonic() - info.started) * 1000, 2)
-    runtime = request.app[LIVE].current
-    runtime.metrics.observe_request(
-        request.path, info.model or info.requested or "", info.provider or "", status
-    )
-    get_logger().info(
-        "request",
-        request_id=info.request_id,
-        method=request.method,
-        path=request.path,
-        model=info.model or info.requested,
-        provider=info.provider,
-        status=status,
-        latency_ms=latency_ms,
-        attempts=info.attempts,
+    model = info.model or info.requested
+    request.app[METRICS].observe_request(request.path, model, info.provider, status)
+    request.app[REQUEST_LOG].write(
+        {
+            "request_id": info.request_id,
+            "method": request.method,
+            "path": request.path,
+            "model": model,
+            "provider": info.provider,
+            "status": status,
+            "latency_ms": latency_ms,
+            "attempts": info.attempts,
+            "cache": info.cache,
+        }
     )
 
 
@@ -289,7 +290,13 @@ async def _stamp_headers(request: web.Request, response: web.StreamResponse) -> 
         response.headers.update(request.app[LIVE].current.bucket.headers())
 
 
-def create_app(settings: Settings, *, ledger: Ledger | None = None) -> web.Application:
+async def _flush_request_log(app: web.Application) -> None:
+    app[REQUEST_LOG].flush()
+
+
+def create_app(
+    settings: Settings, *, ledger: Ledger | None = None, request_log: RequestLog | None = None
+) -> web.Application:
     """The daemon's aiohttp application; resources open on startup and close on cleanup."""
     app = web.Application(
         middlewares=[guard],
@@ -303,6 +310,10 @@ def create_app(settings: Settings, *, ledger: Ledger | None = None) -> web.Appli
     app[BUDGET] = Budget(settings.budget)
     app[BACKGROUND] = set()
     app[LIVE] = Live()
+    app[REQUEST_LOG] = request_log or RequestLog(
+        format=settings.log.format, level=settings.log.level, redactor=redactor_for(settings)
+    )
+    app.on_cleanup.append(_flush_request_log)
     app.cleanup_ctx.extend([_ledger_ctx, _runtime_ctx, _prober_ctx])
     app.on_response_prepare.append(_stamp_headers)
     app.router.add_routes(

@@ -89,8 +89,8 @@ async def start_sidecar() -> AsyncIterator[Callable[[Settings], Awaitable[Runnin
     """Start the real app (the daemon's runner settings) on 127.0.0.1, port 0."""
     started: list[RunningSidecar] = []
 
-    async def start(settings: Settings) -> RunningSidecar:
-        app = create_app(settings)
+    async def start(settings: Settings, **app_options: Any) -> RunningSidecar:
+        app = create_app(settings, **app_options)
         runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=5)
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import io
+import json
 import os
 import signal
 import socket
@@ -14,10 +16,10 @@ from pathlib import Path
 import aiohttp
 import openai
 import pytest
-import structlog
 
 from sidecar import config
 from sidecar.demo import DemoProviders, demo_config
+from sidecar.log import RequestLog
 
 
 def free_port() -> int:
@@ -91,17 +93,27 @@ async def test_demo_serves_stream_and_non_stream_to_the_openai_package(tmp_path:
 
 
 async def test_one_log_line_per_request_with_the_facts(start_sidecar, tmp_path: Path):
+    sink = io.BytesIO()
     async with DemoProviders(token_delay_s=0) as providers:
-        settings = config.from_mapping(
-            demo_config(providers, listen="127.0.0.1:0", ledger_path=str(tmp_path / "l.jsonl")),
-            environ={},
+        raw = demo_config(providers, listen="127.0.0.1:0", ledger_path=str(tmp_path / "l.jsonl"))
+        settings = config.from_mapping(raw, environ={})
+        request_log = RequestLog(format="json", stream=sink)
+        sidecar = await start_sidecar(settings, request_log=request_log)
+        await sidecar.client().chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "Hi"}]
         )
-        sidecar = await start_sidecar(settings)
-        with structlog.testing.capture_logs() as logs:
-            await sidecar.client().chat.completions.create(
-                model="gpt-4o-mini", messages=[{"role": "user", "content": "Hi"}]
-            )
-    [line] = [entry for entry in logs if entry["event"] == "request"]
+        request_log.flush()
+    [line] = [json.loads(raw_line) for raw_line in sink.getvalue().splitlines()]
+    assert line["event"] == "request" and line["level"] == "info"
     assert line["model"] == "gpt-4o-mini" and line["provider"] == "borealis"
-    assert line["status"] == 200 and line["attempts"] == 1
+    assert line["status"] == 200 and line["attempts"] == 1 and line["cache"] == "bypass"
     assert line["latency_ms"] > 0 and len(line["request_id"]) >= 16
+
+
+def test_request_log_console_format_and_level():
+    sink = io.BytesIO()
+    RequestLog(format="console", stream=sink).write({"request_id": "r1", "status": 200})
+    assert b"request  request_id=r1 status=200" in sink.getvalue()
+    quiet = io.BytesIO()
+    RequestLog(format="json", level="warning", stream=quiet).write({"request_id": "r1"})
+    assert quiet.getvalue() == b""
