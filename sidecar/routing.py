@@ -127,10 +127,20 @@ def _capped(
     return kept, cut
 
 
+def needs_affinity(scope: Scope, *, sticky: bool) -> bool:
+    """Whether ``plan`` will rank by affinity: worth computing the key only then."""
+    if not sticky or scope.preferred or len(scope.targets) < 2:
+        return False
+    first = scope.targets[0].provider
+    return any(t.provider != first for t in scope.targets)
+
+
 def plan(
     scope: Scope, health: HealthBook, *, affinity: str, sticky: bool, max_providers: int
 ) -> list[Target]:
     """The targets to try, in order: never empty when the scope has targets."""
+    if len(scope.targets) == 1:
+        return [scope.targets[0]]
     kept, _ = _capped(_ordered(scope, health, affinity, sticky), max(1, max_providers))
     return [target for target, _ in kept]
 

@@ -161,6 +161,9 @@ class _Served:
         return Target(p.name, p.region, self.model, self.spec.upstream, self.spec, p.weight)
 
 
+MEMO_ENTRIES = 4096
+
+
 class Catalog:
     """Indexes of one config's models, providers and aliases; resolves identifiers to scopes."""
 
@@ -174,13 +177,29 @@ class Catalog:
                 by_model.setdefault(model, []).append(_Served(provider, model, spec))
         self._by_model = {m: tuple(s) for m, s in by_model.items()}
         self._aliases = dict(settings.aliases)
+        self._memo: dict[tuple[str, Narrowing, frozenset[str] | None], Scope] = {}
 
     # -- resolve ---------------------------------------------------------------------------
 
     def resolve(
         self, requested: str, narrowing: Narrowing, *, kinds: frozenset[str] | None = None
     ) -> Scope:
-        """Raise ModelNotFound, OutsideBounds, InvalidRequest or NoProviderInScope, or scope it."""
+        """Raise ModelNotFound, OutsideBounds, InvalidRequest or NoProviderInScope, or scope it.
+
+        A catalog never changes (a reload builds a new one), so scopes are remembered.
+        """
+        memo_key = (requested, narrowing, kinds)
+        scope = self._memo.get(memo_key)
+        if scope is None:
+            scope = self._resolve(requested, narrowing, kinds)
+            if len(self._memo) >= MEMO_ENTRIES:
+                self._memo.clear()
+            self._memo[memo_key] = scope
+        return scope
+
+    def _resolve(
+        self, requested: str, narrowing: Narrowing, kinds: frozenset[str] | None
+    ) -> Scope:
         requested = requested.strip()
         if "/" in requested:
             return self._resolve_pinned(requested, narrowing, kinds)

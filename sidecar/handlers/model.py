@@ -66,11 +66,17 @@ async def _prepare(request: web.Request, surface: Surface, runtime: Runtime) -> 
         headers.get("X-TokenHub-Regions"), headers.get("X-TokenHub-Providers"), settings
     )
     scope = runtime.catalog.resolve(requested, narrowing, kinds=surface.kinds)
+    sticky = settings.routing.sticky
+    affinity = (
+        routing.affinity_key(headers.get("X-TokenHub-Affinity"), body)
+        if routing.needs_affinity(scope, sticky=sticky)
+        else ""
+    )
     plan = routing.plan(
         scope,
         runtime.health,
-        affinity=routing.affinity_key(headers.get("X-TokenHub-Affinity"), body),
-        sticky=settings.routing.sticky,
+        affinity=affinity,
+        sticky=sticky,
         max_providers=settings.routing.max_providers,
     )
     if not runtime.ledger.available:
