@@ -188,6 +188,8 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
         return response
     except SidecarError as exc:
         response = _error_response(exc, runtime.redactor)
+        if request.path.startswith("/v1/"):
+            response.headers.setdefault("X-TokenHub-Route", f"not routed: {exc.code}")
         return response
     except web.HTTPException as exc:
         response = _error_response(

@@ -47,6 +47,21 @@ def model_of(body: Mapping[str, Any]) -> str:
     return model.strip()
 
 
+# Fields some SDKs and proxies use to choose the upstream or its credentials. The config alone
+# decides where a request goes and with which key (cf. LiteLLM's CVE-2024-6587).
+REDIRECTING_FIELDS = ("api_base", "base_url", "api_key", "extra_headers")
+
+
+def reject_redirecting_fields(body: Mapping[str, Any]) -> None:
+    for name in REDIRECTING_FIELDS:
+        if name in body:
+            raise InvalidRequest(
+                f"`{name}` is not accepted: the sidecar sends requests only to the providers in "
+                "its config, with their stored keys. Remove the field from the request body.",
+                param=name,
+            )
+
+
 def wants_stream(body: Mapping[str, Any]) -> bool:
     stream = body.get("stream", False)
     if stream is None:
@@ -80,7 +95,9 @@ def sse_event(payload: Mapping[str, Any]) -> bytes:
 STREAM_INTERRUPTED = sse_event(
     {
         "error": {
-            "message": "upstream stream interrupted; the answer above is incomplete, retry the request",
+            "message": (
+                "upstream stream interrupted; the answer above is incomplete, retry the request"
+            ),
             "type": "upstream_error",
             "param": None,
             "code": "stream_interrupted",

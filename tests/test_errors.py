@@ -49,6 +49,7 @@ async def test_request_errors(sidecar, body, status, code):
     assert set(error) == {"message", "type", "param", "code"}
     assert len(error["message"]) > 20, "the message should say what to do"
     assert headers["X-Request-Id"]
+    assert headers["X-TokenHub-Route"] == f"not routed: {code}"
 
 
 async def test_request_id_is_echoed(sidecar):

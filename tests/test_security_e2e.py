@@ -185,16 +185,21 @@ async def test_cr_lf_nul_in_headers_are_rejected(deadline_server, header):
 async def test_upstream_urls_come_only_from_the_config(start_sidecar, make_settings, fake_upstream):
     fake, evil = await fake_upstream(), await fake_upstream()
     url = await _sidecar(start_sidecar, make_settings, fake)
-    body = chat(api_base=evil.url, base_url=evil.url, api_key="sk-attacker-0000000000")
     headers = {
         "X-Forwarded-Host": evil.url[7:].split("/")[0],
         "OpenAI-Base-URL": evil.url,
         "X-TokenHub-Base-Url": evil.url,
     }
-    code, _ = await _post(url, body, headers=headers)
+    code, _ = await _post(url, chat(), headers=headers)
     assert code == 200
     assert len(fake.requests) == 1 and evil.requests == []
     assert fake.requests[0].headers["Authorization"] == f"Bearer {TEST_KEY}-alpha"
+    # Body fields that choose an upstream or a key are refused outright (400), never forwarded.
+    for field, value in (("api_base", evil.url), ("base_url", evil.url), ("api_key", "sk-x-000")):
+        code, answer = await _post(url, chat(**{field: value}))
+        assert code == 400
+        assert answer["error"]["param"] == field
+    assert len(fake.requests) == 1 and evil.requests == []
 
 
 async def test_upstream_redirects_are_not_followed(start_sidecar, make_settings, fake_upstream):

@@ -59,6 +59,7 @@ async def _prepare(request: web.Request, surface: Surface, runtime: Runtime) -> 
     body = wire.parse_object(raw)
     requested = wire.model_of(body)
     info.requested = requested
+    wire.reject_redirecting_fields(body)
     stream = surface.streams and wire.wants_stream(body)
     settings = runtime.settings
     headers = request.headers
