@@ -136,7 +136,10 @@ async def record(
     *,
     saved: Decimal | None = None,
     estimated: Decimal | None = None,
+    billable: bool | None = None,
 ) -> None:
+    """Write the request's one ledger line; ``billable`` defaults to ``outcome == "ok"`` (a video
+    create or poll is ``ok`` yet unbilled: only the response showing the job completed bills)."""
     runtime = exchange.runtime
     exchange.recorded = True
     record: dict[str, Any] = {
@@ -150,7 +153,7 @@ async def record(
         "stream": exchange.stream,
         "status": status,
         "outcome": outcome,
-        "billable": outcome == "ok",
+        "billable": outcome == "ok" if billable is None else billable,
         "attempts": [a.ledger_fields() for a in attempts],
         "usage": usage.ledger_fields(),
         "usage_source": usage_source,

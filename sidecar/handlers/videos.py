@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 import uuid
 from collections.abc import AsyncIterator
 from decimal import Decimal, InvalidOperation
@@ -21,18 +20,18 @@ import aiohttp
 from aiohttp import web
 
 from .. import billing
-from ..billing import Cost, Usage
+from ..billing import Usage
 from ..config import ModelConfig
 from ..errors import NotFound, UpstreamFailed
 from ..jobs import Job, JobBook, jobs_path
 from ..log import get_logger
 from ..relay import Attempt
-from ..scope import Target
+from ..scope import Scope, Target
 from ..state import LIVE, Runtime
 from ..upstream import Upstream, UpstreamError
 from . import passthrough
-from .context import request_info
-from .exchange import Exchange, Surface
+from .context import RequestInfo, request_info
+from .exchange import Exchange, Surface, record
 from .media import multipart_sender, walk_recorded
 from .passthrough import CHUNK_BYTES, Reply
 
@@ -145,23 +144,18 @@ async def _created(request: web.Request, exchange: Exchange, reply: Reply) -> we
             per_second=str(target.spec.per_second or 0),
         )
         book.add(job)
-    await _append(
-        exchange.runtime,
-        request_id=exchange.info.request_id,
-        job=job,
-        target_fields=_fields_of(
-            target.provider, target.model, target.upstream_model, target.region
-        ),
-        requested=exchange.requested,
-        status=reply.status,
-        outcome="upstream_error" if reply.passed_back else "ok",
+    outcome = "upstream_error" if reply.passed_back else "ok"
+    await record(
+        exchange,
+        target,
+        attempts,
+        reply.status,
+        outcome,
+        Usage(),
+        "none",
+        billing.ZERO,
         billable=False,
-        attempts=attempts,
-        usage=Usage(),
-        cost=billing.ZERO,
-        started=exchange.started,
     )
-    exchange.recorded = True
     headers = exchange.base_headers(target, len(attempts), "bypass")
     if job is not None:
         headers["X-TokenHub-Cost-USD"] = "0"
@@ -294,65 +288,36 @@ async def observe(
         target = _pseudo_target(job)
         usage = Usage(seconds=video_seconds(body))
         cost = billing.cost(usage, target.spec, runtime.fee_rate)
-        await _append(
-            runtime,
-            request_id=request_id or "poll-" + uuid.uuid4().hex,
-            job=job,
-            target_fields=_fields_of(job.provider, job.model, job.upstream_model, job.region),
-            requested=job.requested,
-            status=reply.status,
-            outcome="ok",
+        info = RequestInfo(request_id or "poll-" + uuid.uuid4().hex)
+        await record(
+            job_exchange(runtime, job, info),
+            target,
+            [Attempt(job.provider, reply.status, "ok", 0)],
+            reply.status,
+            "ok",
+            usage,
+            "reported",
+            cost,
             billable=True,
-            attempts=[Attempt(job.provider, reply.status, "ok", 0)],
-            usage=usage,
-            cost=cost,
-            started=time.monotonic(),
         )
         book.mark_billed(job.id)
 
 
-def _fields_of(provider: str, model: str, upstream_model: str, region: str) -> dict[str, str]:
-    return {
-        "model": model,
-        "provider": provider,
-        "upstream_model": upstream_model,
-        "region": region,
-    }
-
-
-async def _append(
-    runtime: Runtime,
-    *,
-    request_id: str,
-    job: Job | None,
-    target_fields: dict[str, str],
-    requested: str,
-    status: int,
-    outcome: str,
-    billable: bool,
-    attempts: list[Attempt],
-    usage: Usage,
-    cost: Cost,
-    started: float,
-) -> None:
-    """One ledger line in exchange.record's field order, with ``billable`` set explicitly."""
-    line: dict[str, Any] = {
-        "request_id": request_id,
-        "endpoint": VIDEOS.endpoint,
-        "requested": requested,
-        **target_fields,
-        "stream": False,
-        "status": status,
-        "outcome": outcome,
-        "billable": billable,
-        "attempts": [a.ledger_fields() for a in attempts],
-        "usage": usage.ledger_fields(),
-        "usage_source": "reported" if billable else "none",
-        "model_fee_usd": billing.usd(cost.model_fee),
-        "service_fee_usd": billing.usd(cost.service_fee),
-        "total_usd": billing.usd(cost.total),
-        "saved_usd": "0",
-        "latency_ms": int((time.monotonic() - started) * 1000),
-    }
-    await runtime.ledger.append(line)
-    runtime.metrics.add_spend(target_fields["provider"], target_fields["model"], cost.total)
+def job_exchange(runtime: Runtime, job: Job, info: RequestInfo) -> Exchange:
+    """A follow-up call's working state: its one target is the provider holding the job."""
+    target = _pseudo_target(job)
+    scope = Scope(job.requested, (target,), (), False, None, "")
+    return Exchange(
+        VIDEOS,
+        runtime,
+        info,
+        {},
+        job.requested,
+        False,
+        scope,
+        [target],
+        passthrough.NOT_CACHED,
+        None,
+        info.started,
+        input_estimate=0,
+    )
