@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import openai
 import pytest
 
 from sidecar.config import Settings
@@ -64,10 +65,17 @@ async def test_video_job_fails_over_on_create_then_bills_once_at_its_provider(
     content = await client.videos.download_content(job.id)
     assert content.content == b"MP4DATA"
     assert len(alpha.requests) == 1, "follow-ups go only to the provider holding the job"
-    lines = sidecar.ledger_lines()
-    billed = [line for line in lines if line["billable"]]
-    assert len(billed) == 1 and billed[0]["usage"]["seconds"] == 8
-    assert billed[0]["model_fee_usd"] == "0.8" and billed[0]["total_usd"] == "0.824"
+    created, *polls, download = sidecar.ledger_lines()
+    assert len(polls) == 3, "each client poll writes its one line"
+    assert [p["billable"] for p in polls] == [False, True, False]
+    assert all(p["endpoint"] == "/v1/videos/{video_id}" and p["outcome"] == "ok" for p in polls)
+    assert [p["total_usd"] for p in polls] == ["0", "0.824", "0"]
+    billed = polls[1]
+    assert billed["usage"]["seconds"] == 8 and billed["model_fee_usd"] == "0.8"
+    assert billed["provider"] == "beta" and billed["upstream_model"] == "up-sora"
+    assert download["endpoint"] == "/v1/videos/{video_id}/content"
+    assert download["billable"] is False and download["total_usd"] == "0"
+    assert download["outcome"] == "ok" and download["attempts"][0]["provider"] == "beta"
 
 
 async def test_a_job_nobody_polls_is_billed_by_the_sidecars_own_poll(
@@ -79,13 +87,36 @@ async def test_a_job_nobody_polls_is_billed_by_the_sidecars_own_poll(
     sidecar = await start_sidecar(make_settings([provider("alpha", alpha.url, models=MODELS)]))
     alpha.script(
         status(200, body=video("queued", "video_9")),
+        status(200, body=video("in_progress", "video_9")),
         status(200, body=video("completed", "video_9")),
     )
     await sidecar.client().videos.create(model="sora-2", prompt="x")
     jobs = sidecar.app[JOBS]
+    await jobs.poll_once(sidecar.runtime)  # in progress: no line
+    assert len(sidecar.ledger_lines()) == 1
     await jobs.poll_once(sidecar.runtime)
     await jobs.poll_once(sidecar.runtime)  # closed: not asked again, not billed again
-    assert len(alpha.requests) == 2
-    billed = [line for line in sidecar.ledger_lines() if line["billable"]]
-    assert len(billed) == 1 and billed[0]["total_usd"] == "0.824"
+    assert len(alpha.requests) == 3
+    created, billed = sidecar.ledger_lines()  # its own polls write only the billing line
+    assert created["billable"] is False and billed["billable"] is True
+    assert billed["total_usd"] == "0.824" and billed["request_id"].startswith("poll-")
     assert jobs.open_book.path.exists() and jobs.open_book.get("video_9").billed  # type: ignore[union-attr]
+
+
+async def test_a_poll_that_cannot_reach_the_jobs_provider_is_a_502_with_its_unbilled_line(
+    fake_upstream: Callable[..., Awaitable[FakeUpstream]],
+    make_settings: Callable[..., Settings],
+    start_sidecar: Callable[[Settings], Awaitable[RunningSidecar]],
+) -> None:
+    alpha = await fake_upstream()
+    sidecar = await start_sidecar(make_settings([provider("alpha", alpha.url, models=MODELS)]))
+    alpha.script(status(200, body=video("queued", "video_5")))
+    client = sidecar.client()
+    await client.videos.create(model="sora-2", prompt="x")
+    await alpha.close()
+    with pytest.raises(openai.InternalServerError) as caught:
+        await client.videos.retrieve("video_5")
+    assert caught.value.status_code == 502
+    _, failed = sidecar.ledger_lines()
+    assert failed["outcome"] == "upstream_failed" and failed["billable"] is False
+    assert failed["status"] == 502 and failed["attempts"][0]["status"] is None

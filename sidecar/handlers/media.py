@@ -31,6 +31,7 @@ __all__ = [
     "IMAGES",
     "SPEECH",
     "TRANSCRIPTIONS",
+    "copy_body",
     "images_edits",
     "multipart_sender",
     "walk_recorded",
@@ -283,7 +284,7 @@ async def stream_binary(
     try:
         await response.prepare(request)
         async with upstream:
-            await _copy_body(upstream, response, timeout_s)
+            await copy_body(upstream, response, timeout_s)
     except UpstreamError as exc:
         attempts[-1].reason = exc.reason
         await record(
@@ -321,7 +322,7 @@ async def stream_binary(
     return response
 
 
-async def _copy_body(
+async def copy_body(
     upstream: aiohttp.ClientResponse, response: web.StreamResponse, timeout_s: float
 ) -> None:
     while True:

@@ -25,19 +25,23 @@ from ..config import ModelConfig
 from ..errors import NotFound, UpstreamFailed
 from ..jobs import Job, JobBook, jobs_path
 from ..log import get_logger
-from ..relay import Attempt
 from ..scope import Scope, Target
 from ..state import LIVE, Runtime
 from ..upstream import Upstream, UpstreamError
 from . import passthrough
 from .context import RequestInfo, request_info
 from .exchange import Exchange, Surface, record
-from .media import multipart_sender, walk_recorded
-from .passthrough import CHUNK_BYTES, Reply
+from .media import copy_body, multipart_sender, walk_recorded
+from .passthrough import Reply
 
 __all__ = ["JOBS", "VIDEOS", "create_video", "install", "retrieve_video", "video_content"]
 
 VIDEOS = Surface("/v1/videos", "/videos", frozenset({"video"}), False)
+# Follow-up calls: their ledger lines name the route, not the job id.
+RETRIEVE = Surface("/v1/videos/{video_id}", "/videos/{video_id}", frozenset({"video"}), False)
+CONTENT = Surface(
+    "/v1/videos/{video_id}/content", "/videos/{video_id}/content", frozenset({"video"}), False
+)
 POLL_INTERVAL_S = 10.0
 
 
@@ -56,12 +60,14 @@ class Jobs:
     async def poll_once(self, runtime: Runtime) -> None:
         """Ask each open job's provider for its state; bill the ones that completed."""
         for job in list(self.open_book.open_jobs()):
+            exchange = job_exchange(runtime, RETRIEVE, job, RequestInfo("poll-" + uuid.uuid4().hex))
             try:
-                reply = await _fetch(runtime, job, f"/videos/{quote(job.id, safe='')}", {})
+                reply = await _fetch(exchange, job)
             except (UpstreamFailed, UpstreamError) as exc:
                 get_logger().warning("video job poll failed", job=job.id, error=str(exc))
                 continue
-            await observe(self.open_book, runtime, job, reply, "poll-" + uuid.uuid4().hex)
+            # Not a client request: it writes a line only if it is the one that bills the job.
+            await observe(self.open_book, exchange, job, reply, unbilled_line=False)
 
     async def run(self, app: web.Application) -> None:
         while True:
@@ -130,8 +136,19 @@ async def _create(request: web.Request, runtime: Runtime) -> web.Response:
 async def _created(request: web.Request, exchange: Exchange, reply: Reply) -> web.Response:
     target = reply.target
     attempts = exchange.trail.attempts
-    job: Job | None = None
-    if not reply.passed_back:
+    headers = exchange.base_headers(target, len(attempts), "bypass")
+    if reply.passed_back:
+        await record(
+            exchange,
+            target,
+            attempts,
+            reply.status,
+            "upstream_error",
+            Usage(),
+            "none",
+            billing.ZERO,
+        )
+    else:
         assert reply.body is not None
         book = request.app[JOBS].open_book
         job = book.new_job(
@@ -144,29 +161,19 @@ async def _created(request: web.Request, exchange: Exchange, reply: Reply) -> we
             per_second=str(target.spec.per_second or 0),
         )
         book.add(job)
-    outcome = "upstream_error" if reply.passed_back else "ok"
-    await record(
-        exchange,
-        target,
-        attempts,
-        reply.status,
-        outcome,
-        Usage(),
-        "none",
-        billing.ZERO,
-        billable=False,
-    )
-    headers = exchange.base_headers(target, len(attempts), "bypass")
-    if job is not None:
-        headers["X-TokenHub-Cost-USD"] = "0"
-        await observe(request.app[JOBS].open_book, exchange.runtime, job, reply, None)
+        cost = await observe(book, exchange, job, reply, unbilled_line=True)
+        headers["X-TokenHub-Cost-USD"] = billing.usd(cost)
     exchange.info.status = reply.status
     return web.Response(
         status=reply.status,
         body=reply.raw,
         headers=headers,
-        content_type=reply.content_type.split(";", 1)[0].strip() or "application/json",
+        content_type=_mime(reply.content_type),
     )
+
+
+def _mime(content_type: str) -> str:
+    return content_type.split(";", 1)[0].strip() or "application/json"
 
 
 def _job_of(request: web.Request) -> Job:
@@ -180,28 +187,41 @@ def _job_of(request: web.Request) -> Job:
     return job
 
 
-async def retrieve_video(request: web.Request) -> web.StreamResponse:
-    runtime = request.app[LIVE].current
+def _follow_up(request: web.Request, surface: Surface) -> tuple[Job, Exchange]:
     job = _job_of(request)
     info = request_info(request)
     info.requested, info.provider, info.model = job.requested, job.provider, job.model
-    reply = await _fetch(runtime, job, f"/videos/{quote(job.id, safe='')}", {})
-    await observe(request.app[JOBS].open_book, runtime, job, reply, info.request_id)
+    return job, job_exchange(request.app[LIVE].current, surface, job, info)
+
+
+async def retrieve_video(request: web.Request) -> web.StreamResponse:
+    """A client's poll: one ledger line, billable only if it is the first to show completion."""
+    job, exchange = _follow_up(request, RETRIEVE)
+    try:
+        reply = await _fetch(exchange, job)
+    except UpstreamError as exc:
+        raise await _unreachable_recorded(exchange, job, exc.reason) from None
+    cost = await observe(request.app[JOBS].open_book, exchange, job, reply, unbilled_line=True)
+    headers = {"X-TokenHub-Provider": job.provider, "X-TokenHub-Cache": "bypass"}
+    if not reply.passed_back:
+        headers["X-TokenHub-Cost-USD"] = billing.usd(cost)
+    exchange.info.status = reply.status
     return web.Response(
         status=reply.status,
         body=reply.raw,
-        headers={"X-TokenHub-Provider": job.provider, "X-TokenHub-Cache": "bypass"},
-        content_type=reply.content_type.split(";", 1)[0].strip() or "application/json",
+        headers=headers,
+        content_type=_mime(reply.content_type),
     )
 
 
 async def video_content(request: web.Request) -> web.StreamResponse:
-    runtime = request.app[LIVE].current
-    job = _job_of(request)
-    info = request_info(request)
-    info.requested, info.provider, info.model = job.requested, job.provider, job.model
-    upstream = _upstream_of(runtime, job)
+    """The video's bytes, streamed through; the download's line is never billable (the job is
+    billed once, by the poll that sees it completed)."""
+    job, exchange = _follow_up(request, CONTENT)
+    target, trail = exchange.plan[0], exchange.trail
+    upstream = _upstream_of(exchange, job)
     params = {k: v for k, v in request.query.items() if k == "variant"}
+    trail.begin(target)
     try:
         answer = await upstream.send(
             "GET",
@@ -210,7 +230,10 @@ async def video_content(request: web.Request) -> web.StreamResponse:
             headers={"Accept": "*/*"},
         )
     except UpstreamError as exc:
-        raise _unreachable(job, exc.reason) from None
+        trail.end(None, exc.reason)
+        raise await _unreachable_recorded(exchange, job, exc.reason) from None
+    outcome = "upstream_error" if answer.status >= 400 else "ok"
+    trail.end(answer.status, "ok" if answer.status < 400 else "passed back")
     response = web.StreamResponse(
         status=answer.status,
         headers={"X-TokenHub-Provider": job.provider, "X-TokenHub-Cache": "bypass"},
@@ -218,16 +241,42 @@ async def video_content(request: web.Request) -> web.StreamResponse:
     response.content_type = answer.headers.get("Content-Type", "application/octet-stream")
     if answer.content_length is not None:
         response.content_length = answer.content_length
-    async with answer:
+    exchange.info.status = answer.status
+    timeout_s = exchange.runtime.settings.routing.idle_timeout_s
+    try:
         await response.prepare(request)
-        async for chunk in answer.content.iter_chunked(CHUNK_BYTES):
-            await response.write(chunk)
+        async with answer:
+            await copy_body(answer, response, timeout_s)
+    except UpstreamError as exc:
+        trail.attempts[-1].reason = exc.reason
+        await _unbilled(exchange, target, answer.status, "stream_cut")
+        if request.transport is not None:
+            request.transport.close()  # no clean end: the client must see the file is cut
+        return response
+    except (ConnectionError, asyncio.CancelledError):
+        await asyncio.shield(_unbilled(exchange, target, answer.status, "client_cancelled"))
+        raise
+    await _unbilled(exchange, target, answer.status, outcome)
     await response.write_eof()
     return response
 
 
-def _upstream_of(runtime: Runtime, job: Job) -> Upstream:
-    upstream = runtime.upstreams.get(job.provider)
+async def _unbilled(exchange: Exchange, target: Target, status: int, outcome: str) -> None:
+    await record(
+        exchange,
+        target,
+        exchange.trail.attempts,
+        status,
+        outcome,
+        Usage(),
+        "none",
+        billing.ZERO,
+        billable=False,
+    )
+
+
+def _upstream_of(exchange: Exchange, job: Job) -> Upstream:
+    upstream = exchange.runtime.upstreams.get(job.provider)
     if upstream is None:
         raise _unreachable(job, "the provider is no longer in the config")
     return upstream
@@ -240,18 +289,27 @@ def _unreachable(job: Job, reason: str) -> UpstreamFailed:
     )
 
 
-async def _fetch(runtime: Runtime, job: Job, path: str, params: dict[str, str]) -> Reply:
-    upstream = _upstream_of(runtime, job)
+async def _unreachable_recorded(exchange: Exchange, job: Job, reason: str) -> UpstreamFailed:
+    """The follow-up reached for its upstream and got nothing: an unbilled upstream_failed line."""
+    await _unbilled(exchange, exchange.plan[0], 502, "upstream_failed")
+    return _unreachable(job, reason)
+
+
+async def _fetch(exchange: Exchange, job: Job) -> Reply:
+    """GET the job's state at the provider holding it (UpstreamError, attempt ended, if not)."""
+    upstream = _upstream_of(exchange, job)
+    target = exchange.plan[0]
+    exchange.trail.begin(target)
     try:
-        response = await upstream.send("GET", path, params=params)
-        return await passthrough.read_reply(
-            _pseudo_target(job),
-            response,
-            timeout_s=runtime.settings.routing.idle_timeout_s,
-            json=False,
+        response = await upstream.send("GET", f"/videos/{quote(job.id, safe='')}")
+        reply = await passthrough.read_reply(
+            target, response, timeout_s=exchange.runtime.settings.routing.idle_timeout_s, json=False
         )
     except UpstreamError as exc:
-        raise _unreachable(job, exc.reason) from None
+        exchange.trail.end(None, exc.reason)
+        raise
+    exchange.trail.end(reply.status, "ok" if reply.status < 400 else "passed back")
+    return reply
 
 
 def _pseudo_target(job: Job) -> Target:
@@ -270,45 +328,50 @@ def video_seconds(body: dict[str, Any]) -> Decimal:
 
 
 async def observe(
-    book: JobBook, runtime: Runtime, job: Job, reply: Reply, request_id: str | None
-) -> None:
-    """Write the job's billable line the first time a response shows it completed; exactly once."""
+    book: JobBook, exchange: Exchange, job: Job, reply: Reply, *, unbilled_line: bool
+) -> Decimal:
+    """Write the response's ledger line; returns what it billed.
+
+    The first response that shows the job completed writes the job's one billable line, priced
+    per_second. Any other response writes an unbilled line when ``unbilled_line`` (a client's
+    call, which SPEC records once per request), and nothing otherwise (the sidecar's own poll).
+    """
+    target = reply.target
     body = reply.body
-    if reply.passed_back or body is None or job.closed:
-        return
-    state = body.get("status")
-    if state == "failed":
+    state = body.get("status") if body is not None and not reply.passed_back else None
+    if state == "failed" and not job.closed:
         book.mark_closed(job.id)
-        return
-    if state != "completed":
-        return
-    async with book.lock:
-        if job.billed:
-            return
-        target = _pseudo_target(job)
-        usage = Usage(seconds=video_seconds(body))
-        cost = billing.cost(usage, target.spec, runtime.fee_rate)
-        info = RequestInfo(request_id or "poll-" + uuid.uuid4().hex)
-        await record(
-            job_exchange(runtime, job, info),
-            target,
-            [Attempt(job.provider, reply.status, "ok", 0)],
-            reply.status,
-            "ok",
-            usage,
-            "reported",
-            cost,
-            billable=True,
-        )
-        book.mark_billed(job.id)
+    if state == "completed":
+        async with book.lock:
+            if not job.billed:
+                usage = Usage(seconds=video_seconds(body or {}))
+                cost = billing.cost(usage, target.spec, exchange.runtime.fee_rate)
+                exchange.spent = cost.total
+                await record(
+                    exchange,
+                    target,
+                    exchange.trail.attempts,
+                    reply.status,
+                    "ok",
+                    usage,
+                    "reported",
+                    cost,
+                    billable=True,
+                )
+                book.mark_billed(job.id)
+                return cost.total
+    if unbilled_line:
+        outcome = "upstream_error" if reply.passed_back else "ok"
+        await _unbilled(exchange, target, reply.status, outcome)
+    return Decimal(0)
 
 
-def job_exchange(runtime: Runtime, job: Job, info: RequestInfo) -> Exchange:
-    """A follow-up call's working state: its one target is the provider holding the job."""
+def job_exchange(runtime: Runtime, surface: Surface, job: Job, info: RequestInfo) -> Exchange:
+    """A video call's working state at the provider holding the job (its one target)."""
     target = _pseudo_target(job)
     scope = Scope(job.requested, (target,), (), False, None, "")
     return Exchange(
-        VIDEOS,
+        surface,
         runtime,
         info,
         {},
