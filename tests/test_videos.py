@@ -14,8 +14,9 @@ from sidecar.handlers.videos import JOBS
 from .conftest import RunningSidecar, provider
 from .fakes import FakeUpstream, status
 
-# The SDK marks its videos resource deprecated (the Sora API shuts down in 2026).
-pytestmark = pytest.mark.filterwarnings("ignore:The Sora API:DeprecationWarning")
+# The SDK marks its videos resource deprecated (the Sora API shuts down in 2026): ignored only on
+# the tests that call it.
+sora_deprecated = pytest.mark.filterwarnings("ignore:The Sora API:DeprecationWarning")
 
 MODELS = {"sora-2": {"kind": "video", "upstream": "up-sora", "per_second": "0.1"}}
 
@@ -33,6 +34,7 @@ def video(state: str, job_id: str = "video_1") -> dict[str, Any]:
     }
 
 
+@sora_deprecated
 async def test_video_job_fails_over_on_create_then_bills_once_at_its_provider(
     fake_upstream: Callable[..., Awaitable[FakeUpstream]],
     make_settings: Callable[..., Settings],
@@ -78,6 +80,7 @@ async def test_video_job_fails_over_on_create_then_bills_once_at_its_provider(
     assert download["outcome"] == "ok" and download["attempts"][0]["provider"] == "beta"
 
 
+@sora_deprecated
 async def test_a_job_nobody_polls_is_billed_by_the_sidecars_own_poll(
     fake_upstream: Callable[..., Awaitable[FakeUpstream]],
     make_settings: Callable[..., Settings],
@@ -103,6 +106,7 @@ async def test_a_job_nobody_polls_is_billed_by_the_sidecars_own_poll(
     assert jobs.open_book.path.exists() and jobs.open_book.get("video_9").billed  # type: ignore[union-attr]
 
 
+@sora_deprecated
 async def test_a_poll_that_cannot_reach_the_jobs_provider_is_a_502_with_its_unbilled_line(
     fake_upstream: Callable[..., Awaitable[FakeUpstream]],
     make_settings: Callable[..., Settings],
