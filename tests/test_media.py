@@ -165,3 +165,34 @@ async def test_a_20_mb_upload_passes_through_without_growing_the_daemon(
         peak = _rss_kib(daemon.pid, "VmHWM")
     assert len(upstream.requests[-1].body) > size
     assert peak - before < 10 * 1024, f"daemon RSS grew by {peak - before} KiB"
+
+
+async def test_budget_caps_refuse_media_requests_by_their_worst_case(
+    fake_upstream: Callable[..., Awaitable[FakeUpstream]],
+    make_settings: Callable[..., Settings],
+    start_sidecar: StartSidecar,
+) -> None:
+    alpha = await fake_upstream(default=status(200, body={**IMAGES, "data": IMAGES["data"][:1]}))
+    settings = make_settings(
+        [provider("alpha", alpha.url, models=MODELS)], budget={"daily_usd": "0.05"}
+    )
+    sidecar = await start_sidecar(settings)
+    client = sidecar.client()
+
+    async def refused(call: Awaitable[object]) -> None:
+        with pytest.raises(openai.RateLimitError) as caught:
+            await call
+        assert caught.value.code == "budget_exceeded"
+
+    # images: n x per_image = 2 x 0.04 (+3 %) > 0.05
+    await refused(client.images.generate(model="gpt-image-1", prompt="x", n=2))
+    # transcription: unknown length, reserved as 600 s x 0.0001 (+3 %) = 0.0618 > 0.05
+    await refused(
+        client.audio.transcriptions.create(model="whisper-1", file=("a.wav", io.BytesIO(WAV)))
+    )
+    assert not alpha.requests and not sidecar.ledger_lines(), "refused before any upstream call"
+    await client.images.generate(model="gpt-image-1", prompt="x")  # 0.0412 fits, and is settled
+    # speech: 1000 characters x 15 per million (+3 %) = 0.01545 > the 0.0088 left today
+    await refused(client.audio.speech.create(model="tts-1", voice="alloy", input="a" * 1000))
+    await refused(client.images.generate(model="gpt-image-1", prompt="x"))
+    assert len(alpha.requests) == 1 and len(sidecar.ledger_lines()) == 1

@@ -191,3 +191,29 @@ async def test_stream_fails_over_before_content_and_marks_a_cut_after_it(
     line = sidecar.ledger_lines()[-1]
     assert line["outcome"] == "stream_cut" and line["billable"] is False
     assert line["total_usd"] == "0" and line["usage_source"] == "estimated"
+
+
+async def test_a_stream_reserves_its_worst_case_against_the_budget_cap(
+    fake_upstream: Callable[..., Awaitable[FakeUpstream]],
+    make_settings: Callable[..., Settings],
+    start_sidecar: StartSidecar,
+) -> None:
+    alpha = await fake_upstream()
+    settings = make_settings(
+        [provider("alpha", alpha.url, models=MODELS)], budget={"daily_usd": "0.01"}
+    )
+    sidecar = await start_sidecar(settings)
+    client = sidecar.client()
+    with pytest.raises(openai.RateLimitError) as caught:  # 100k output tokens x 0.42/M > 0.01
+        await client.responses.create(
+            model="gpt-4o-mini", input="hi", stream=True, max_output_tokens=100_000
+        )
+    assert caught.value.code == "budget_exceeded"
+    assert not alpha.requests and not sidecar.ledger_lines()
+    alpha.script(sse(*stream_events(["Hel", "lo"]), done=False))
+    stream = await client.responses.create(
+        model="gpt-4o-mini", input="hi", stream=True, max_output_tokens=1000
+    )
+    assert [e.type async for e in stream][-1] == "response.completed"
+    assert sidecar.runtime.budget.day_spent == Decimal(expected_total(Usage(100, 50, 20)))
+    assert sidecar.runtime.budget.reserved == 0

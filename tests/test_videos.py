@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from decimal import Decimal
 from typing import Any
 
 import openai
@@ -124,3 +125,29 @@ async def test_a_poll_that_cannot_reach_the_jobs_provider_is_a_502_with_its_unbi
     _, failed = sidecar.ledger_lines()
     assert failed["outcome"] == "upstream_failed" and failed["billable"] is False
     assert failed["status"] == 502 and failed["attempts"][0]["status"] is None
+
+
+@sora_deprecated
+async def test_a_create_reserves_its_seconds_and_a_poll_bill_counts_against_the_cap(
+    fake_upstream: Callable[..., Awaitable[FakeUpstream]],
+    make_settings: Callable[..., Settings],
+    start_sidecar: Callable[[Settings], Awaitable[RunningSidecar]],
+) -> None:
+    alpha = await fake_upstream()
+    sidecar = await start_sidecar(
+        make_settings([provider("alpha", alpha.url, models=MODELS)], budget={"daily_usd": "1"})
+    )
+    alpha.script(
+        status(200, body=video("queued", "video_7")),
+        status(200, body=video("completed", "video_7")),
+    )
+    client = sidecar.client()
+    with pytest.raises(openai.RateLimitError) as caught:  # 12 s x 0.1 (+3 %) = 1.236 > 1
+        await client.videos.create(model="sora-2", prompt="x", seconds="12")
+    assert caught.value.code == "budget_exceeded" and not alpha.requests
+    await client.videos.create(model="sora-2", prompt="x", seconds="8")  # reserves 0.824
+    await client.videos.retrieve("video_7")  # bills 0.824 (the fake's video says 8 s)
+    assert sidecar.runtime.budget.day_spent == Decimal("0.824")
+    with pytest.raises(openai.RateLimitError):  # the default 4 s: 0.412 more would pass 1
+        await client.videos.create(model="sora-2", prompt="x")
+    assert len(alpha.requests) == 2

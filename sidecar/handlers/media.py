@@ -31,6 +31,7 @@ __all__ = [
     "IMAGES",
     "SPEECH",
     "TRANSCRIPTIONS",
+    "TRANSCRIPTION_RESERVE_SECONDS",
     "copy_body",
     "images_edits",
     "multipart_sender",
@@ -38,6 +39,7 @@ __all__ = [
     "images_generations",
     "speech",
     "transcriptions",
+    "worst_case_of",
 ]
 
 IMAGES = Surface("/v1/images/generations", "/images/generations", frozenset({"image"}), False)
@@ -141,8 +143,34 @@ async def _complete(exchange: Exchange, send: passthrough.Send, *, json: bool) -
     async def settle(target: Target, response: aiohttp.ClientResponse) -> Reply:
         return await passthrough.read_reply(target, response, timeout_s=timeout_s, json=json)
 
-    reply = await walk_recorded(exchange, send, settle)
-    return await respond_reply(exchange, reply, _METERS[exchange.surface.endpoint])
+    with passthrough.budgeted(exchange, **worst_case_of(exchange)):
+        reply = await walk_recorded(exchange, send, settle)
+        return await respond_reply(exchange, reply, _METERS[exchange.surface.endpoint])
+
+
+# A transcription's audio length is unknown until the provider has decoded it (we do not parse
+# audio files), so a budget reservation assumes this many seconds; the line bills what is reported.
+TRANSCRIPTION_RESERVE_SECONDS = Decimal(600)
+
+
+def _count_of(value: object) -> int:
+    """``n`` from JSON (an int) or a form field (a string); 1 when absent or not a count."""
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value.strip())
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 1
+
+
+def worst_case_of(exchange: Exchange) -> dict[str, Any]:
+    """The usage a budget reservation assumes for one media request, by surface."""
+    endpoint = exchange.surface.endpoint
+    if endpoint in (IMAGES.endpoint, IMAGE_EDITS.endpoint):
+        return {"images": _count_of(exchange.body.get("n"))}
+    if endpoint == TRANSCRIPTIONS.endpoint:
+        return {"seconds": TRANSCRIPTION_RESERVE_SECONDS}
+    if endpoint == SPEECH.endpoint:
+        text = exchange.body.get("input")
+        return {"characters": len(text) if isinstance(text, str) else 0}
+    return {}
 
 
 async def walk_recorded(
@@ -263,11 +291,12 @@ async def _speech(request: web.Request, runtime: Runtime) -> web.StreamResponse:
             return await passthrough.read_reply(target, response, timeout_s=timeout_s, json=False)
         return target, response
 
-    answer = await walk_recorded(exchange, send, settle)
-    if isinstance(answer, Reply):
-        return await respond_reply(exchange, answer, transcription_usage)
-    target, response = answer
-    return await stream_binary(request, exchange, target, response)
+    with passthrough.budgeted(exchange, **worst_case_of(exchange)):
+        answer = await walk_recorded(exchange, send, settle)
+        if isinstance(answer, Reply):
+            return await respond_reply(exchange, answer, transcription_usage)
+        target, response = answer
+        return await stream_binary(request, exchange, target, response)
 
 
 async def stream_binary(

@@ -6,27 +6,30 @@ again to the next provider.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any, TypeVar
 
 import aiohttp
 import orjson
 from aiohttp import web
 
-from .. import routing
+from .. import billing, routing, wire
+from ..budget import Reservation
 from ..cache import Decision
-from ..errors import InvalidRequest, LedgerUnavailable, RequestTooLarge
+from ..errors import BudgetExceeded, InvalidRequest, LedgerUnavailable, RequestTooLarge
 from ..health import parse_retry_after
+from ..log import get_logger
 from ..relay import FAILOVER_STATUSES, AllAttemptsFailed
 from ..scope import Target, parse_narrowing
 from ..state import Runtime
 from ..upstream import Upstream, UpstreamError
-from ..wire import JSON_TYPE
 from .context import request_info
 from .exchange import Exchange, Surface
 
@@ -94,7 +97,7 @@ async def read_reply(
     target: Target, response: aiohttp.ClientResponse, *, timeout_s: float, json: bool
 ) -> Reply:
     """Read a whole answer; with ``json`` a 2xx must be a JSON object (else: fail over)."""
-    content_type = response.headers.get("Content-Type", JSON_TYPE)
+    content_type = response.headers.get("Content-Type", wire.JSON_TYPE)
     try:
         async with response, asyncio.timeout(timeout_s):
             raw = await response.read()
@@ -105,7 +108,7 @@ async def read_reply(
     if response.status >= 400:
         return Reply(target, response.status, raw, content_type, None)
     body: dict[str, Any] | None = None
-    if json or content_type.startswith(JSON_TYPE):
+    if json or content_type.startswith(wire.JSON_TYPE):
         try:
             parsed = orjson.loads(raw)
         except orjson.JSONDecodeError:
@@ -296,3 +299,73 @@ def require_model(spool: Spool) -> str:
 def spool_folder(runtime: Runtime) -> str:
     """Uploads spool beside the ledger: a disk the operator already sized, not a tmpfs in RAM."""
     return str(runtime.settings.ledger.path.parent)
+
+
+def _capped(runtime: Runtime) -> bool:
+    caps = runtime.settings.budget
+    return caps.daily_usd is not None or caps.monthly_usd is not None
+
+
+def reserve(
+    exchange: Exchange,
+    *,
+    images: int = 0,
+    seconds: Decimal = Decimal(0),
+    characters: int = 0,
+) -> Reservation | None:
+    """Hold the request's worst case against the ``[budget]`` caps before it is sent (as the chat
+    path does), over every target it may reach; raises BudgetExceeded (429) when a cap would pass.
+    """
+    runtime = exchange.runtime
+    if not _capped(runtime):
+        return None
+    max_tokens = wire.max_tokens_of(exchange.body)
+    worst = max(
+        (
+            billing.worst_case(
+                t.spec,
+                runtime.fee_rate,
+                input_tokens=exchange.input_estimate,
+                max_tokens=max_tokens,
+                images=images,
+                seconds=seconds,
+                characters=characters,
+            )
+            for t in exchange.plan
+        ),
+        default=Decimal(0),
+    )
+    return runtime.budget.reserve(worst)
+
+
+@contextlib.contextmanager
+def budgeted(
+    exchange: Exchange,
+    *,
+    images: int = 0,
+    seconds: Decimal = Decimal(0),
+    characters: int = 0,
+) -> Iterator[None]:
+    """Reserve the worst case, and settle what the request actually cost (``exchange.spent``)."""
+    reservation = reserve(exchange, images=images, seconds=seconds, characters=characters)
+    try:
+        yield
+    finally:
+        if reservation is not None:
+            exchange.runtime.budget.settle(reservation, exchange.spent)
+
+
+def charge(runtime: Runtime, amount: Decimal) -> None:
+    """Count spend no reservation held (a video job billed by a later poll) against the caps.
+
+    ``Budget`` has no direct charge, so an empty reservation is settled with the amount; that
+    reservation fails only when the caps are already passed, where every later request is refused
+    anyway, so nothing the caps decide is lost.
+    """
+    if not _capped(runtime) or amount <= 0:
+        return
+    budget = runtime.budget
+    try:
+        budget.settle(budget.reserve(Decimal(0)), amount)
+    except BudgetExceeded:
+        get_logger().warning("spend past the budget cap not counted", amount=billing.usd(amount))

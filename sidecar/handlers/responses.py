@@ -121,10 +121,11 @@ async def _stream(
             raise UpstreamError("stream is not SSE")
         return await _until_content(_Opened(target, response), settings.first_token_timeout_s)
 
-    answer = await walk_recorded(exchange, send, settle)
-    if isinstance(answer, Reply):
-        return await respond_reply(exchange, answer, lambda *_: (Usage(), "none"))
-    return await _forward(request, exchange, answer)
+    with passthrough.budgeted(exchange):  # worst case: max_output_tokens, as for chat
+        answer = await walk_recorded(exchange, send, settle)
+        if isinstance(answer, Reply):
+            return await respond_reply(exchange, answer, lambda *_: (Usage(), "none"))
+        return await _forward(request, exchange, answer)
 
 
 async def _until_content(opened: _Opened, timeout_s: float) -> _Opened:

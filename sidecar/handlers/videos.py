@@ -125,12 +125,25 @@ async def _create(request: web.Request, runtime: Runtime) -> web.Response:
                 raise UpstreamError("video job has no id")
             return reply
 
-        reply: Reply = await walk_recorded(
-            exchange, multipart_sender(VIDEOS.upstream_path, spool), settle
-        )
+        with passthrough.budgeted(exchange, seconds=requested_seconds(exchange.body)):
+            reply: Reply = await walk_recorded(
+                exchange, multipart_sender(VIDEOS.upstream_path, spool), settle
+            )
+            return await _created(request, exchange, reply)
     finally:
         spool.close()
-    return await _created(request, exchange, reply)
+
+
+# OpenAI's default clip length, and its longest: what a create reserves when ``seconds`` is
+# absent, or present but not a number.
+DEFAULT_SECONDS = Decimal(4)
+LONGEST_SECONDS = Decimal(12)
+
+
+def requested_seconds(fields: dict[str, Any]) -> Decimal:
+    if "seconds" not in fields:
+        return DEFAULT_SECONDS
+    return video_seconds(fields) or LONGEST_SECONDS
 
 
 async def _created(request: web.Request, exchange: Exchange, reply: Reply) -> web.Response:
@@ -359,6 +372,8 @@ async def observe(
                     billable=True,
                 )
                 book.mark_billed(job.id)
+                if exchange.surface is not VIDEOS:
+                    passthrough.charge(exchange.runtime, cost.total)  # no reservation held it
                 return cost.total
     if unbilled_line:
         outcome = "upstream_error" if reply.passed_back else "ok"
