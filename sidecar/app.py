@@ -17,7 +17,7 @@ from .cache import ResponseCache, SingleFlight
 from .config import Settings
 from .errors import MethodNotAllowed, NotFound, RequestTooLarge, SidecarError
 from .handlers import media, model, models, operator, responses, videos
-from .handlers.context import INFO, new_request_info
+from .handlers.context import INFO, RequestIds, new_request_info
 from .health import HealthBook, Prober
 from .ledger import Ledger
 from .log import Redactor, RequestLog, get_logger
@@ -40,6 +40,7 @@ METRICS = web.AppKey("metrics", Metrics)
 SETTINGS = web.AppKey("settings", Settings)
 BACKGROUND = web.AppKey("background", set[asyncio.Task[None]])
 REQUEST_LOG = web.AppKey("request_log", RequestLog)
+REQUEST_IDS = web.AppKey("request_ids", RequestIds)
 
 
 def redactor_for(settings: Settings) -> Redactor:
@@ -171,7 +172,7 @@ async def _prober_ctx(app: web.Application) -> AsyncIterator[None]:
 @web.middleware
 async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Request id, security checks, error rendering and the one log line per request."""
-    info = new_request_info(request)
+    info = new_request_info(request, request.app[REQUEST_IDS])
     runtime = request.app[LIVE].current
     response: web.StreamResponse | None = None
     try:
@@ -264,14 +265,16 @@ def _log_line(request: web.Request, response: web.StreamResponse | None) -> None
     info = request[INFO]
     status = info.status or (response.status if response is not None else 499)
     latency_ms = round((time.monotonic() - info.started) * 1000, 2)
-    model = info.model or info.requested
-    request.app[METRICS].observe_request(request.path, model, info.provider, status)
+    # Labels stay bounded: the matched route, not the raw path; a resolved model, not any string.
+    resource = request.match_info.route.resource
+    endpoint = resource.canonical if resource is not None else "unmatched"
+    request.app[METRICS].observe_request(endpoint, info.model, info.provider, status)
     request.app[REQUEST_LOG].write(
         {
             "request_id": info.request_id,
             "method": request.method,
             "path": request.path,
-            "model": model,
+            "model": info.model or info.requested,
             "provider": info.provider,
             "status": status,
             "latency_ms": latency_ms,
@@ -312,6 +315,7 @@ def create_app(
     app[BUDGET] = Budget(settings.budget)
     app[BACKGROUND] = set()
     app[LIVE] = Live()
+    app[REQUEST_IDS] = RequestIds()
     app[REQUEST_LOG] = request_log or RequestLog(
         format=settings.log.format, level=settings.log.level, redactor=redactor_for(settings)
     )

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from decimal import Context, Decimal, localcontext
+from decimal import Context, Decimal
 from typing import Any
 
 from sidecar.config import ModelConfig
@@ -20,6 +20,7 @@ DEFAULT_WORST_CASE_OUTPUT_TOKENS = 4096
 CHARS_PER_TOKEN = 4
 # Wide enough that no product of a token count and a price is ever rounded.
 _EXACT = Context(prec=60)
+_ZERO = Decimal(0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,35 +113,42 @@ def usage_from_openai(usage: Mapping[str, Any] | None) -> Usage | None:
 
 
 def _per_million(count: int, price: Decimal | None) -> Decimal:
-    return Decimal(0) if price is None or count == 0 else (count * price).scaleb(-6)
+    if price is None or count == 0:
+        return _ZERO
+    return _EXACT.multiply(count, price).scaleb(-6, _EXACT)
 
 
 def _times(count: int | Decimal, price: Decimal | None) -> Decimal:
-    return Decimal(0) if price is None or count == 0 else count * price
+    return _ZERO if price is None or count == 0 else _EXACT.multiply(count, price)
 
 
 def model_fee(usage: Usage, model: ModelConfig) -> Decimal:
-    """The provider's price for ``usage``: each consumed unit at its configured price."""
-    with localcontext(_EXACT):
-        cached = min(usage.cached_tokens, usage.input_tokens)
-        cached_price = model.cached_input_per_mtok
-        if cached_price is None:
-            cached_price = model.input_per_mtok
-        fee = _per_million(usage.input_tokens - cached, model.input_per_mtok)
-        fee += _per_million(cached, cached_price)
-        fee += _per_million(usage.output_tokens, model.output_per_mtok)
-        fee += _times(usage.images, model.per_image)
-        fee += _times(usage.seconds, model.per_second)
-        fee += _per_million(usage.characters, model.per_mchar)
-        return fee
+    """The provider's price for ``usage``: each consumed unit at its configured price.
+
+    Every operation names the 60-digit context, so no amount is ever rounded.
+    """
+    cached = min(usage.cached_tokens, usage.input_tokens)
+    cached_price = model.cached_input_per_mtok
+    if cached_price is None:
+        cached_price = model.input_per_mtok
+    add = _EXACT.add
+    fee = add(
+        _per_million(usage.input_tokens - cached, model.input_per_mtok),
+        _per_million(cached, cached_price),
+    )
+    fee = add(fee, _per_million(usage.output_tokens, model.output_per_mtok))
+    if usage.images or usage.seconds or usage.characters:
+        fee = add(fee, _times(usage.images, model.per_image))
+        fee = add(fee, _times(usage.seconds, model.per_second))
+        fee = add(fee, _per_million(usage.characters, model.per_mchar))
+    return fee
 
 
 def cost(usage: Usage, model: ModelConfig, fee_rate: Decimal) -> Cost:
     """Model fee, the service fee on top (``fee_rate`` x model fee), and their sum; exact."""
-    with localcontext(_EXACT):
-        fee = model_fee(usage, model)
-        service = fee * fee_rate
-        return Cost(model_fee=fee, service_fee=service, total=fee + service)
+    fee = model_fee(usage, model)
+    service = _EXACT.multiply(fee, fee_rate)
+    return Cost(model_fee=fee, service_fee=service, total=_EXACT.add(fee, service))
 
 
 def worst_case(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from decimal import Decimal
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
@@ -28,6 +29,10 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self._provider_states: ProviderStates | None = None
+        # Label lookups take a lock and build a key each time; the hot path reuses children.
+        self._request_children: dict[tuple[str, str, str, int], Any] = {}
+        self._spend_children: dict[tuple[str, str], Any] = {}
+        self._cache_children: dict[str, Any] = {}
         self._define_traffic()
         self._define_cache()
         self._define_ledger()
@@ -122,11 +127,25 @@ class Metrics:
     def observe_request(
         self, endpoint: str, model: str | None, provider: str | None, status: int
     ) -> None:
-        self.requests.labels(endpoint, model or "", provider or "", str(status)).inc()
+        key = (endpoint, model or "", provider or "", status)
+        child = self._request_children.get(key)
+        if child is None:
+            child = self._request_children[key] = self.requests.labels(*key[:3], str(status))
+        child.inc()
 
     def add_spend(self, provider: str, model: str, total_usd: Decimal) -> None:
         if total_usd > 0:
-            self.spend_usd.labels(provider, model).inc(float(total_usd))
+            key = (provider, model)
+            child = self._spend_children.get(key)
+            if child is None:
+                child = self._spend_children[key] = self.spend_usd.labels(provider, model)
+            child.inc(float(total_usd))
+
+    def count_cache(self, result: str) -> None:
+        child = self._cache_children.get(result)
+        if child is None:
+            child = self._cache_children[result] = self.cache_requests.labels(result)
+        child.inc()
 
     def add_saved(self, model: str, saved_usd: Decimal) -> None:
         if saved_usd > 0:

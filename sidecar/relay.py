@@ -208,8 +208,7 @@ class Relay:
                 continue
             async with response:
                 try:
-                    async with asyncio.timeout(self._idle_timeout_s):
-                        raw = await response.read()
+                    raw = await response.read()  # bounded by the upstream's read timeout
                 except (TimeoutError, aiohttp.ClientError, ConnectionError) as exc:
                     reason = "body timed out" if isinstance(exc, TimeoutError) else "body cut"
                     self._fail(trail, response.status, reason)
@@ -269,7 +268,9 @@ class Relay:
         trail.begin(target)
         upstream = self._upstreams[target.provider]
         try:
-            response = await upstream.open(path, upstream_body(body, target, stream=stream))
+            response = await upstream.open(
+                path, upstream_body(body, target, stream=stream), stream=stream
+            )
         except UpstreamError as exc:
             self._fail(trail, None, exc.reason)
             return None

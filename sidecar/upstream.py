@@ -11,6 +11,7 @@ from collections.abc import AsyncIterable, Mapping
 
 import aiohttp
 from multidict import CIMultiDict
+from yarl import URL
 
 from .config import ProviderConfig, RoutingConfig
 
@@ -40,6 +41,15 @@ class Upstream:
         self.name = provider.name
         self._routing = routing
         self._base_url = provider.base_url
+        self._urls: dict[str, URL] = {}
+        self._json_headers = {"Content-Type": "application/json"}
+        # A plain answer's whole wait is bounded by aiohttp's own read timeout (cheaper than an
+        # asyncio.timeout per request); streams time their phases themselves (relay.py).
+        self._answer_timeout = aiohttp.ClientTimeout(
+            total=None,
+            sock_connect=routing.connect_timeout_s,
+            sock_read=routing.first_byte_timeout_s,
+        )
         headers = CIMultiDict(
             {"User-Agent": USER_AGENT, "Accept": "application/json, text/event-stream"}
         )
@@ -70,15 +80,30 @@ class Upstream:
         *,
         content_type: str = "application/json",
         extra_headers: Mapping[str, str] | None = None,
+        stream: bool = True,
     ) -> aiohttp.ClientResponse:
-        """POST and return once the response headers arrived; map transport failures."""
-        headers = {"Content-Type": content_type}
-        if extra_headers:
-            headers.update(extra_headers)
+        """POST and return once the response headers arrived; map transport failures.
+
+        With ``stream=False`` the body's reads are bounded by ``first_byte_timeout_s`` too.
+        """
+        headers = self._json_headers
+        if content_type != "application/json" or extra_headers:
+            headers = {"Content-Type": content_type, **(extra_headers or {})}
+        url = self._urls.get(path)
+        if url is None:
+            url = self._urls[path] = URL(self.url(path))
         try:
+            if not stream:
+                return await self._session.post(
+                    url,
+                    data=body,
+                    headers=headers,
+                    allow_redirects=False,
+                    timeout=self._answer_timeout,
+                )
             async with asyncio.timeout(self._routing.first_byte_timeout_s):
                 return await self._session.post(
-                    self.url(path), data=body, headers=headers, allow_redirects=False
+                    url, data=body, headers=headers, allow_redirects=False
                 )
         except TimeoutError:
             raise UpstreamError(

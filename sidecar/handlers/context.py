@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
+import os
 import re
 import time
-import uuid
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -28,10 +29,21 @@ class RequestInfo:
 INFO = web.RequestKey("tokenhub_info", RequestInfo)
 
 
-def new_request_info(request: web.Request) -> RequestInfo:
+class RequestIds:
+    """Unique ids without a syscall per request: a random per-process prefix and a counter."""
+
+    def __init__(self) -> None:
+        self._prefix = os.urandom(10).hex()
+        self._counter = itertools.count(1)
+
+    def next(self) -> str:
+        return f"{self._prefix}{next(self._counter):012x}"
+
+
+def new_request_info(request: web.Request, ids: RequestIds) -> RequestInfo:
     """Echo a well-formed client ``X-Request-Id``; otherwise make one."""
     given = request.headers.get("X-Request-Id")
-    request_id = given if given and _REQUEST_ID.match(given) else uuid.uuid4().hex
+    request_id = given if given and _REQUEST_ID.match(given) else ids.next()
     info = RequestInfo(request_id)
     request[INFO] = info
     return info

@@ -167,7 +167,7 @@ async def _answer(request: web.Request, exchange: Exchange) -> web.StreamRespons
 def _count_cache(exchange: Exchange, result: str) -> None:
     """Each request counts once, with the ``X-TokenHub-Cache`` value it is answered with."""
     exchange.info.cache = result
-    exchange.runtime.metrics.cache_requests.labels(result).inc()
+    exchange.runtime.metrics.count_cache(result)
 
 
 async def _from_upstream(request: web.Request, exchange: Exchange) -> web.StreamResponse:
