@@ -352,8 +352,15 @@ async def stream_binary(
 
 
 async def copy_body(
-    upstream: aiohttp.ClientResponse, response: web.StreamResponse, timeout_s: float
+    upstream: aiohttp.ClientResponse,
+    response: web.StreamResponse,
+    timeout_s: float,
+    *,
+    before_last: Callable[[], Awaitable[None]] | None = None,
 ) -> None:
+    """Forward the body; ``before_last`` runs before the last chunk goes out, so with a
+    Content-Length the client cannot have the whole body before it (the ledger line) is done."""
+    held = b""
     while True:
         try:
             async with asyncio.timeout(timeout_s):
@@ -363,5 +370,11 @@ async def copy_body(
         except (aiohttp.ClientError, ConnectionResetError) as exc:
             raise UpstreamError(f"stream cut: {type(exc).__name__}") from None
         if not chunk:
-            return
-        await response.write(chunk)
+            break
+        if held:
+            await response.write(held)
+        held = chunk
+    if before_last is not None:
+        await before_last()
+    if held:
+        await response.write(held)

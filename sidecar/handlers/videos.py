@@ -259,7 +259,12 @@ async def video_content(request: web.Request) -> web.StreamResponse:
     try:
         await response.prepare(request)
         async with answer:
-            await copy_body(answer, response, timeout_s)
+            await copy_body(
+                answer,
+                response,
+                timeout_s,
+                before_last=lambda: _unbilled(exchange, target, answer.status, outcome),
+            )
     except UpstreamError as exc:
         trail.attempts[-1].reason = exc.reason
         await _unbilled(exchange, target, answer.status, "stream_cut")
@@ -267,9 +272,9 @@ async def video_content(request: web.Request) -> web.StreamResponse:
             request.transport.close()  # no clean end: the client must see the file is cut
         return response
     except (ConnectionError, asyncio.CancelledError):
-        await asyncio.shield(_unbilled(exchange, target, answer.status, "client_cancelled"))
+        if not exchange.recorded:
+            await asyncio.shield(_unbilled(exchange, target, answer.status, "client_cancelled"))
         raise
-    await _unbilled(exchange, target, answer.status, outcome)
     await response.write_eof()
     return response
 
