@@ -183,6 +183,8 @@ async def test_models_list_and_retrieve(demo: dict[str, DemoProvider]) -> None:
         "deepseek-ai/DeepSeek-V3.2",
         "gpt-4o-mini",
         "text-embedding-3-small",
+        "gpt-image-1",
+        "sora-2",
     ]
     assert one.owned_by == "borealis" and one.object == "model"
 

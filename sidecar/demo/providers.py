@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 from aiohttp import web
 
+from sidecar.demo.media import DemoMedia
 from sidecar.demo.replies import (
     compose_reply,
     embedding_inputs,
@@ -47,12 +48,15 @@ class DemoModel:
 
     public: str
     upstream: str
-    input_per_mtok: str
+    input_per_mtok: str | None
     output_per_mtok: str | None = None
     cached_input_per_mtok: str | None = None
-    kind: Literal["chat", "embedding"] = "chat"
+    kind: Literal["chat", "embedding", "image", "audio", "video"] = "chat"
     max_output_tokens: int | None = None
     dimensions: int = 1536
+    per_image: str | None = None
+    per_second: str | None = None
+    per_mchar: str | None = None
 
 
 @dataclass(frozen=True)
@@ -76,6 +80,9 @@ DEMO_SPECS: tuple[DemoSpec, ...] = (
             ),
             DemoModel("qwen3-max", "qwen3-max", "1.20", "6.00", "0.24", max_output_tokens=8192),
             DemoModel("text-embedding-3-small", "text-embedding-3-small", "0.02", kind="embedding"),
+            DemoModel("gpt-image-1", "gpt-image-1", None, kind="image", per_image="0.04"),
+            DemoModel("tts-1", "tts-1", None, kind="audio", per_mchar="15"),
+            DemoModel("whisper-1", "whisper-1", None, kind="audio", per_second="0.0001"),
         ),
     ),
     DemoSpec(
@@ -96,6 +103,8 @@ DEMO_SPECS: tuple[DemoSpec, ...] = (
             DemoModel(
                 "text-embedding-3-small", "text-embedding-3-small", "0.025", kind="embedding"
             ),
+            DemoModel("gpt-image-1", "gpt-image-1", None, kind="image", per_image="0.042"),
+            DemoModel("sora-2", "sora-2", None, kind="video", per_second="0.10"),
         ),
     ),
     DemoSpec(
@@ -157,10 +166,13 @@ class _DemoUpstream:
     rng: random.Random
     token_delay_s: float
     clock: Clock
+    video_duration_s: float = 3.0
     seen_prefixes: OrderedDict[str, None] = field(default_factory=OrderedDict)
 
     def routes(self) -> list[web.RouteDef]:
+        media = DemoMedia(self.spec, self.rng, self.clock, self.video_duration_s)
         return [
+            *media.routes(),
             web.post("/v1/chat/completions", self.chat_completions),
             web.post("/v1/completions", self.completions),
             web.post("/v1/embeddings", self.embeddings),
@@ -459,10 +471,11 @@ def create_demo_app(
     rng: random.Random,
     token_delay_s: float = 0.015,
     clock: Clock = time.time,
+    video_duration_s: float = 3.0,
 ) -> web.Application:
     """One demo provider as an aiohttp application (paths under ``/v1``)."""
     app = web.Application(middlewares=[_render_rejections])
-    app.add_routes(_DemoUpstream(spec, rng, token_delay_s, clock).routes())
+    app.add_routes(_DemoUpstream(spec, rng, token_delay_s, clock, video_duration_s).routes())
     return app
 
 
@@ -476,7 +489,9 @@ class DemoProviders:
         token_delay_s: float = 0.015,
         specs: Sequence[DemoSpec] = DEMO_SPECS,
         clock: Clock = time.time,
+        video_duration_s: float = 3.0,
     ) -> None:
+        self._video_duration_s = video_duration_s
         self._seed = seed
         self._token_delay_s = token_delay_s
         self._specs = tuple(specs)
@@ -500,7 +515,13 @@ class DemoProviders:
 
     async def _start(self, index: int, spec: DemoSpec) -> DemoProvider:
         rng = random.Random(f"{self._seed}:{index}:{spec.name}")
-        app = create_demo_app(spec, rng=rng, token_delay_s=self._token_delay_s, clock=self._clock)
+        app = create_demo_app(
+            spec,
+            rng=rng,
+            token_delay_s=self._token_delay_s,
+            clock=self._clock,
+            video_duration_s=self._video_duration_s,
+        )
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
         await runner.setup()
         self._stack.push_async_callback(runner.cleanup)
@@ -540,7 +561,14 @@ def _provider_entry(provider: DemoProvider, spec: DemoSpec) -> dict[str, Any]:
 
 def _model_entry(model: DemoModel) -> dict[str, Any]:
     entry: dict[str, Any] = {"kind": model.kind, "upstream": model.upstream}
-    for key in ("input_per_mtok", "output_per_mtok", "cached_input_per_mtok", "max_output_tokens"):
+    prices = ("per_image", "per_second", "per_mchar")
+    for key in (
+        "input_per_mtok",
+        "output_per_mtok",
+        "cached_input_per_mtok",
+        "max_output_tokens",
+        *prices,
+    ):
         value = getattr(model, key)
         if value is not None:
             entry[key] = value
