@@ -297,6 +297,13 @@ _NEWLINE = ord("\n")
 _NOTHING = frozenset({"", "0"})
 
 
+def is_fast_line(line: str) -> bool:
+    """Whether one line (with its newline) is summed by the fast path rather than by orjson."""
+    pattern = _LINES_ESCAPED if "\\" in line else _LINES
+    match = pattern.match(line)
+    return match is not None and match.group(_SLOW + 1) is None
+
+
 def _money(values: Iterable[str]) -> Decimal:
     return sum(map(Decimal, (v for v in values if v not in _NOTHING)), _ZERO)
 

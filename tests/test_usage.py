@@ -1,7 +1,9 @@
 import csv
 import io
+import json
 from collections.abc import Callable
 from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +12,17 @@ import pytest
 
 from sidecar.config import LedgerConfig
 from sidecar.ledger import Ledger, rotated_path
-from sidecar.usage import cmd_usage, cmd_verify, ledger_files, spent_since, verify
+from sidecar.usage import (
+    cmd_usage,
+    cmd_verify,
+    is_fast_line,
+    iter_records,
+    ledger_files,
+    spent_since,
+    split_segments,
+    summarize,
+    verify,
+)
 
 
 class Clock:
@@ -253,3 +265,192 @@ async def test_spent_since_seeds_the_budget(ledger_path: Path) -> None:
         datetime(2025, 3, 1, tzinfo=UTC),
     )
     assert str(day) == "0.000103" and str(month) == "0.000309"
+
+
+# -- the fast path, its fallback, and the split over worker processes ---------------------------
+
+BY_ALL = ["day,model,provider,outcome"]
+
+
+def full(outcome: str, n: int, *, model: str = "deepseek-v3.2", **extra: Any) -> dict[str, Any]:
+    """A record in ``handlers.exchange.record``'s field order (the layout of the fast path)."""
+    billable = outcome == "ok"
+    record: dict[str, Any] = {
+        "request_id": f"req_{n:08x}",
+        "endpoint": "/v1/chat/completions",
+        "requested": model,
+        "model": model,
+        "provider": ("alpha", "beta")[n % 2],
+        "upstream_model": model,
+        "region": "sg",
+        "stream": bool(n % 3),
+        "status": 200,
+        "outcome": outcome,
+        "billable": billable,
+        "attempts": [{"provider": "alpha", "status": 502, "reason": "http 502", "ms": 1}] * (n % 3),
+        "usage": {
+            "input_tokens": 1000 + n,
+            "output_tokens": 10 * n,
+            "cached_tokens": n % 7,
+            "images": 0,
+            "seconds": "1.5" if n % 5 == 0 else 0,
+        },
+        "usage_source": "reported",
+        "model_fee_usd": f"0.{n:04d}0{n % 9}" if billable else "0",
+        "service_fee_usd": f"0.0000{n:03d}" if billable else "0",
+        "total_usd": f"{n % 3}.{n:05d}01" if billable else "0",
+        "saved_usd": f"0.00{n:02d}" if outcome == "cache_hit" else "0",
+        "latency_ms": 40 + n,
+    }
+    if outcome in ("stream_cut", "client_cancelled"):
+        record["estimated_usd"] = f"0.000{n}"
+    record.update(extra)
+    return record
+
+
+OUTCOMES = ("ok", "ok", "ok", "cache_hit", "stream_cut", "upstream_failed", "client_cancelled")
+MODELS = ("deepseek-v3.2", "qwen3-max", "模型-ü", "ascii\"quoted")
+
+
+def full_entries(count: int) -> list[tuple[str, dict[str, Any]]]:
+    return [
+        (
+            f"2025-03-0{1 + n % 3}T{n % 24:02d}:00:00+00:00",
+            full(OUTCOMES[n % len(OUTCOMES)], n, model=MODELS[n % len(MODELS)]),
+        )
+        for n in range(count)
+    ]
+
+
+def orjson_path(path: Path, **kwargs: Any) -> dict[str, Any]:
+    """What the plain orjson reading (``summarize`` over ``iter_records``) gives."""
+    fields = tuple(f for item in kwargs.get("by", []) for f in item.split(","))
+    groups, overall = summarize(iter_records(path), by=fields)
+    return {
+        "groups": [
+            {"key": dict(zip(fields, key, strict=True)), **totals.as_dict()}
+            for key, totals in sorted(groups.items(), key=lambda i: tuple(v or "" for v in i[0]))
+        ]
+        if fields
+        else [],
+        "totals": overall.as_dict(),
+    }
+
+
+def usage_json(path: Path, **kwargs: Any) -> dict[str, Any]:
+    code, out, err = run_usage(path, **kwargs)
+    assert code == 0, err
+    document: dict[str, Any] = orjson.loads(out)
+    return document
+
+
+async def test_writer_lines_take_the_fast_path(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.jsonl"
+    await write_ledger(path, full_entries(60))
+    lines = path.read_text("utf-8").splitlines(keepends=True)
+    fast = [is_fast_line(text) for text in lines]
+    # Every line but those whose model needs a JSON escape (the quoted one) is a fast line.
+    assert fast == ['\\"' not in text for text in lines]
+    assert sum(fast) == 45
+    for by in ([], BY_ALL, ["model"], ["day,outcome"]):
+        assert usage_json(path, by=by) == orjson_path(path, by=by)
+
+
+def _reordered(record: dict[str, Any]) -> bytes:
+    return orjson.dumps(dict(reversed(list(record.items())))) + b"\n"
+
+
+def _spaced(record: dict[str, Any]) -> bytes:
+    return json.dumps(record).encode() + b"\n"  # ", " and ": ", and \\u escapes for non-ASCII
+
+
+def _pretty_numbers(record: dict[str, Any]) -> bytes:
+    text = orjson.dumps(record).replace(b'"status":200', b'"status":2.0E2')
+    return text.replace(b'"region":"sg"', b'"region":null') + b"\n"
+
+
+@pytest.mark.parametrize("edit", [_reordered, _spaced, _pretty_numbers])
+async def test_hand_edited_lines_sum_the_same(tmp_path: Path, edit: Callable[..., bytes]) -> None:
+    path = tmp_path / "ledger.jsonl"
+    await write_ledger(path, full_entries(42))
+    lines = path.read_bytes().splitlines(keepends=True)
+    edited = tmp_path / "edited.jsonl"
+    edited.write_bytes(b"".join(edit(orjson.loads(text)) for text in lines))
+    assert not any(is_fast_line(t) for t in edited.read_text("utf-8").splitlines(keepends=True))
+    for by in ([], BY_ALL):
+        assert usage_json(edited, by=by) == usage_json(path, by=by) == orjson_path(path, by=by)
+    # Fast and edited lines mixed in one file, in one chunk.
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_bytes(b"".join(edit(orjson.loads(t)) if i % 2 else t for i, t in enumerate(lines)))
+    assert usage_json(mixed, by=BY_ALL) == usage_json(path, by=BY_ALL)
+
+
+async def test_escapes_elsewhere_keep_the_fast_path(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.jsonl"
+    entries = [
+        (ts, {**record, "request_id": 'req "\\ \u00e9 \\u', "requested": "x\ny"})
+        for ts, record in full_entries(14)
+        if '"' not in record["model"]
+    ]
+    await write_ledger(path, entries)
+    lines = path.read_text("utf-8").splitlines(keepends=True)
+    assert all(is_fast_line(text) for text in lines)
+    assert usage_json(path, by=BY_ALL) == orjson_path(path, by=BY_ALL)
+
+
+async def test_a_duplicate_key_counts_as_orjson_reads_it(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.jsonl"
+    await write_ledger(path, full_entries(7))
+    lines = path.read_bytes().splitlines(keepends=True)
+    lines[0] = lines[0].replace(b'"latency_ms"', b'"total_usd":"5","latency_ms"')
+    path.write_bytes(b"".join(lines))
+    assert not is_fast_line(lines[0].decode())
+    document = usage_json(path)
+    assert document == orjson_path(path)
+    assert Decimal(document["totals"]["total_usd"]) > 5  # the later "total_usd" wins
+
+
+async def test_bad_bytes_and_a_torn_tail_are_skipped_like_before(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.jsonl"
+    await write_ledger(path, full_entries(21))
+    good = usage_json(path, by=BY_ALL)
+    with path.open("ab") as f:
+        f.write(b'{"v":1,"ts":"2025-03-01T00:00:00.000Z","model":"\xff\xfe"}\n')
+        f.write(b'{"v":1,"ts":"2025')
+    assert usage_json(path, by=BY_ALL) == good == orjson_path(path, by=BY_ALL)
+
+
+@pytest.mark.parametrize("parts", [2, 3, 5, 8])
+async def test_split_cuts_at_line_starts_and_covers_every_byte(tmp_path: Path, parts: int) -> None:
+    path = tmp_path / "ledger.jsonl"
+    await write_ledger(path, full_entries(70), rotate_bytes=9000)
+    files = ledger_files(path)
+    assert len(files) >= 3
+    plan = split_segments(files, parts)
+    assert len(plan) == parts
+    covered: dict[Path, list[tuple[int, int]]] = {f: [] for f in files}
+    for segments in plan:
+        for file, start, end in segments:
+            data = file.read_bytes()
+            assert start == 0 or data[start - 1 : start] == b"\n"  # cut mid-file: at a line start
+            covered[file].append((start, end))
+    for file, ranges in covered.items():
+        ranges.sort()
+        assert ranges[0][0] == 0 and ranges[-1][1] == file.stat().st_size
+        assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:], strict=False))
+
+
+async def test_worker_processes_sum_the_same(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.jsonl"
+    await write_ledger(path, full_entries(90), rotate_bytes=20000)
+    lines = path.read_bytes().splitlines(keepends=True)
+    lines[3] = _spaced(orjson.loads(lines[3]))  # one fallback line in the live file
+    path.write_bytes(b"".join(lines))
+    for by in ([], BY_ALL):
+        single = usage_json(path, by=by, workers=1)
+        for workers in (2, 3):
+            assert usage_json(path, by=by, workers=workers, parallel_min_bytes=0) == single
+        assert single == orjson_path(path, by=by)
+    assert usage_json(path, since="2025-03-02", workers=2, parallel_min_bytes=0) == usage_json(
+        path, since="2025-03-02", workers=1
+    )
