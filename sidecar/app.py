@@ -99,6 +99,7 @@ async def swap_runtime(app: web.Application, settings: Settings) -> None:
     old = live.current
     new = build_runtime(settings, ledger=app[LEDGER], budget=app[BUDGET], metrics=app[METRICS])
     new.health.adopt(old.health)
+    app[BUDGET].configure(settings.budget)
     live.current = new
     old.retired = True
     _start_prober(app)

@@ -98,6 +98,17 @@ class Budget:
         self._reserved += amount
         return reservation
 
+    def configure(self, config: BudgetConfig) -> None:
+        """A reloaded config's caps apply from now on; spend so far is kept."""
+        self._daily = config.daily_usd
+        self._monthly = config.monthly_usd
+
+    def charge(self, amount: Decimal) -> None:
+        """Count spend that no reservation held (a video job billed by a later poll)."""
+        self._roll(self._now())
+        self._day_spent += amount
+        self._month_spent += amount
+
     def settle(self, reservation: Reservation, actual: Decimal) -> None:
         """Release the hold and count ``actual`` (0 for unbilled outcomes); a repeat is a no-op."""
         held = self._outstanding.pop(reservation.id, None)

@@ -120,3 +120,16 @@ def test_no_caps_admits_everything() -> None:
     for _ in range(3):
         b.settle(b.reserve(Decimal("1000")), Decimal("1000"))
     assert b.day_spent == Decimal("3000")
+
+
+def test_charge_counts_unreserved_spend_and_configure_changes_caps():
+    budget = Budget(
+        BudgetConfig(daily_usd=Decimal("1")), clock=lambda: datetime(2026, 1, 2, tzinfo=UTC)
+    )
+    budget.charge(Decimal("0.75"))
+    assert budget.day_spent == Decimal("0.75")
+    with pytest.raises(BudgetExceeded):
+        budget.reserve(Decimal("0.5"))
+    budget.configure(BudgetConfig(daily_usd=Decimal("2")))
+    budget.settle(budget.reserve(Decimal("0.5")), Decimal("0.5"))
+    assert budget.day_spent == Decimal("1.25")

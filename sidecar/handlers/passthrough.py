@@ -23,9 +23,8 @@ from aiohttp import web
 from .. import billing, routing, wire
 from ..budget import Reservation
 from ..cache import Decision
-from ..errors import BudgetExceeded, InvalidRequest, LedgerUnavailable, RequestTooLarge
+from ..errors import InvalidRequest, LedgerUnavailable, RequestTooLarge
 from ..health import parse_retry_after
-from ..log import get_logger
 from ..relay import FAILOVER_STATUSES, AllAttemptsFailed
 from ..scope import Target, parse_narrowing
 from ..state import Runtime
@@ -356,16 +355,6 @@ def budgeted(
 
 
 def charge(runtime: Runtime, amount: Decimal) -> None:
-    """Count spend no reservation held (a video job billed by a later poll) against the caps.
-
-    ``Budget`` has no direct charge, so an empty reservation is settled with the amount; that
-    reservation fails only when the caps are already passed, where every later request is refused
-    anyway, so nothing the caps decide is lost.
-    """
-    if not _capped(runtime) or amount <= 0:
-        return
-    budget = runtime.budget
-    try:
-        budget.settle(budget.reserve(Decimal(0)), amount)
-    except BudgetExceeded:
-        get_logger().warning("spend past the budget cap not counted", amount=billing.usd(amount))
+    """Count spend no reservation held (a video job billed by a later poll) against the caps."""
+    if _capped(runtime) and amount > 0:
+        runtime.budget.charge(amount)
