@@ -107,10 +107,22 @@ def servers(workdir: Path) -> Iterator[tuple[str, str]]:
     started: list[subprocess.Popen[bytes]] = []
     try:
         up_port, port = free_port(), free_port()
-        started.append(spawn(workdir, "upstream", [
-            sys.executable, str(BENCH / "upstream.py"), "--port", str(up_port),
-            "--chunks", "20", "--chunk-delay-ms", "0",
-        ]))
+        started.append(
+            spawn(
+                workdir,
+                "upstream",
+                [
+                    sys.executable,
+                    str(BENCH / "upstream.py"),
+                    "--port",
+                    str(up_port),
+                    "--chunks",
+                    "20",
+                    "--chunk-delay-ms",
+                    "0",
+                ],
+            )
+        )
         direct = f"http://127.0.0.1:{up_port}"
         wait_ready(started[-1], f"{direct}/-/health")
         config = workdir / "config.toml"
@@ -129,7 +141,11 @@ def servers(workdir: Path) -> Iterator[tuple[str, str]]:
 def spawn(workdir: Path, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
     with (workdir / f"{name}.log").open("ab") as log:
         return subprocess.Popen(
-            argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=workdir,
+            argv,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=workdir,
             env={**os.environ, "BENCH_KEY": "sk-bench-not-a-real-key"},
         )
 
@@ -189,8 +205,13 @@ async def bench(direct: str, sidecar: str, requests: int, warmup: int) -> list[R
         ("direct (upstream)", f"{direct}/v1/chat/completions", upstream_body, {}, False),
         ("sidecar hit", f"{sidecar}/v1/chat/completions", plain, {}, True),
         ("sidecar hit, stream", f"{sidecar}/v1/chat/completions", stream, {}, True),
-        ("sidecar bypass (no-store)", f"{sidecar}/v1/chat/completions", plain,
-         {"X-TokenHub-Cache": "no-store"}, False),
+        (
+            "sidecar bypass (no-store)",
+            f"{sidecar}/v1/chat/completions",
+            plain,
+            {"X-TokenHub-Cache": "no-store"},
+            False,
+        ),
     ]
     rows = []
     connector = aiohttp.TCPConnector(limit=1)
@@ -224,8 +245,10 @@ def main(argv: list[str] | None = None) -> int:
             rows = uvloop.run(bench(*urls, args.requests, args.warmup))
         except ImportError:
             rows = asyncio.run(bench(*urls, args.requests, args.warmup))
-    print(f"sequential requests over one keep-alive connection; {os.cpu_count()} CPUs, "
-          f"Python {sys.version.split()[0]}; 'wrong' = not 200 (hit rows: not a cache hit)")
+    print(
+        f"sequential requests over one keep-alive connection; {os.cpu_count()} CPUs, "
+        f"Python {sys.version.split()[0]}; 'wrong' = not 200 (hit rows: not a cache hit)"
+    )
     print(table(rows))
     return 1 if any(row.wrong for row in rows) else 0
 

@@ -1,6 +1,6 @@
 """The floor of our stack: a bare aiohttp + uvloop + orjson proxy (parse, swap model, forward).
 
-    python bench/floor.py --port 8701 --upstream http://127.0.0.1:8702 --model bench-model-upstream
+python bench/floor.py --port 8701 --upstream http://127.0.0.1:8702 --model bench-model-upstream
 """
 
 from __future__ import annotations
@@ -60,8 +60,15 @@ def main() -> None:
     parser.add_argument("--model", default="bench-model-upstream", help="model name to send")
     args = parser.parse_args()
     app = create_app(args.upstream, args.model)
-    web.run_app(app, host="127.0.0.1", port=args.port, access_log=None, print=None,
-                backlog=4096, loop=uvloop.new_event_loop())
+    web.run_app(
+        app,
+        host="127.0.0.1",
+        port=args.port,
+        access_log=None,
+        print=None,
+        backlog=4096,
+        loop=uvloop.new_event_loop(),
+    )
 
 
 if __name__ == "__main__":

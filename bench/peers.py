@@ -49,8 +49,15 @@ def install(name: str, root: Path = ROOT) -> str | None:
     else:
         (root / "portkey").mkdir(exist_ok=True)
         steps = [
-            ["npm", "install", "--prefix", str(root / "portkey"), "--no-audit", "--no-fund",
-             "@portkey-ai/gateway"],
+            [
+                "npm",
+                "install",
+                "--prefix",
+                str(root / "portkey"),
+                "--no-audit",
+                "--no-fund",
+                "@portkey-ai/gateway",
+            ],
         ]
     for argv in steps:
         try:
@@ -84,8 +91,17 @@ def launch(name: str, port: int, upstream_port: int, workdir: Path, root: Path =
     if name == "litellm":
         config = workdir / "litellm.yaml"
         config.write_text(litellm_config(upstream_port), encoding="utf-8")
-        argv = [str(root / "litellm" / "bin" / "litellm"), "--config", str(config),
-                "--host", "127.0.0.1", "--port", str(port), "--num_workers", "1"]
+        argv = [
+            str(root / "litellm" / "bin" / "litellm"),
+            "--config",
+            str(config),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--num_workers",
+            "1",
+        ]
         env = {"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOG": "ERROR"}
         headers = {"Authorization": f"Bearer {LITELLM_KEY}"}
         return Launch(name, argv, base, "/health/liveliness", 120.0, env, headers)

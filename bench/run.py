@@ -149,8 +149,12 @@ class Procs(contextlib.AbstractContextManager["Procs"]):
     def start(self, name: str, argv: Sequence[str], env: dict[str, str] | None = None) -> int:
         log = (self.workdir / f"{name}.log").open("ab")
         proc = subprocess.Popen(
-            pin(self.cpu, argv), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env={**os.environ, **(env or {})}, cwd=self.workdir,
+            pin(self.cpu, argv),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, **(env or {})},
+            cwd=self.workdir,
         )
         log.close()
         self.started.append((name, proc))
@@ -245,10 +249,19 @@ class Group:
 def start_group(procs: Procs, group: Group, label: str) -> tuple[Target, list[Target]]:
     """Start the group's servers; (direct target, proxies). A proxy that fails has .problem."""
     up_port = free_port()
-    up_pid = procs.start(f"{label}-upstream", [
-        PY, str(BENCH / "upstream.py"), "--port", str(up_port),
-        "--chunks", str(group.chunks), "--chunk-delay-ms", str(group.delay_ms),
-    ])
+    up_pid = procs.start(
+        f"{label}-upstream",
+        [
+            PY,
+            str(BENCH / "upstream.py"),
+            "--port",
+            str(up_port),
+            "--chunks",
+            str(group.chunks),
+            "--chunk-delay-ms",
+            str(group.delay_ms),
+        ],
+    )
     direct = Target("direct", f"http://127.0.0.1:{up_port}", up_pid)
     direct.problem = procs.wait_ready(
         f"{label}-upstream", up_pid, f"{direct.base_url}/-/health", 10
@@ -264,10 +277,19 @@ def start_group(procs: Procs, group: Group, label: str) -> tuple[Target, list[Ta
 
 def start_floor(procs: Procs, label: str, up_port: int) -> Target:
     port = free_port()
-    pid = procs.start(f"{label}-floor", [
-        PY, str(BENCH / "floor.py"), "--port", str(port),
-        "--upstream", f"http://127.0.0.1:{up_port}", "--model", UPSTREAM_MODEL,
-    ])
+    pid = procs.start(
+        f"{label}-floor",
+        [
+            PY,
+            str(BENCH / "floor.py"),
+            "--port",
+            str(port),
+            "--upstream",
+            f"http://127.0.0.1:{up_port}",
+            "--model",
+            UPSTREAM_MODEL,
+        ],
+    )
     target = Target("floor", f"http://127.0.0.1:{port}", pid)
     target.problem = procs.wait_ready(f"{label}-floor", pid, f"{target.base_url}/-/health", 15)
     return target
@@ -312,16 +334,21 @@ def start_peer(procs: Procs, name: str, label: str, up_port: int) -> Target:
 
 
 def chat_body(temperature: float) -> bytes:
-    return orjson.dumps({
-        "model": MODEL,
-        "messages": [{"role": "user", "content": "Say twenty words."}],
-        "temperature": temperature,
-    })
+    return orjson.dumps(
+        {
+            "model": MODEL,
+            "messages": [{"role": "user", "content": "Say twenty words."}],
+            "temperature": temperature,
+        }
+    )
 
 
 def wrk_script(path: Path, body: bytes, headers: dict[str, str]) -> Path:
-    lines = ['wrk.method = "POST"', f"wrk.body = [==[{body.decode()}]==]",
-             'wrk.headers["Content-Type"] = "application/json"']
+    lines = [
+        'wrk.method = "POST"',
+        f"wrk.body = [==[{body.decode()}]==]",
+        'wrk.headers["Content-Type"] = "application/json"',
+    ]
     lines += [f'wrk.headers["{k}"] = [==[{v}]==]' for k, v in headers.items()]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
@@ -357,8 +384,18 @@ class Driver:
 def run_wrk(drv: Driver, target: Target, conns: int, seconds: float, body: bytes) -> Row:
     script = wrk_script(drv.workdir / f"{target.name}.lua", body, target.headers)
     url = f"{target.base_url}/v1/chat/completions"
-    argv = ["wrk", "-t1", f"-c{conns}", f"-d{max(1, round(seconds))}s", "--latency",
-            "--timeout", "30s", "-s", str(script), url]
+    argv = [
+        "wrk",
+        "-t1",
+        f"-c{conns}",
+        f"-d{max(1, round(seconds))}s",
+        "--latency",
+        "--timeout",
+        "30s",
+        "-s",
+        str(script),
+        url,
+    ]
     cpu_before = cpu_seconds(target.pid)
     done = subprocess.run(pin(drv.cpu, argv), capture_output=True, text=True, timeout=seconds + 60)
     cpu = cpu_seconds(target.pid) - cpu_before
@@ -376,8 +413,16 @@ def run_wrk(drv: Driver, target: Target, conns: int, seconds: float, body: bytes
 
 
 def run_streams(drv: Driver, target: Target, conns: int, seconds: float, hold: bool) -> Row:
-    argv = [PY, str(BENCH / "streams.py"), "--url", f"{target.base_url}/v1/chat/completions",
-            "-c", str(conns), "-d", str(seconds)]
+    argv = [
+        PY,
+        str(BENCH / "streams.py"),
+        "--url",
+        f"{target.base_url}/v1/chat/completions",
+        "-c",
+        str(conns),
+        "-d",
+        str(seconds),
+    ]
     argv += ["--hold"] if hold else []
     for name, value in target.headers.items():
         argv += ["-H", f"{name}: {value}"]
@@ -439,8 +484,13 @@ def median_row(rows: list[Row]) -> Row:
     last = good[-1]
     rounds = f" (median of {len(good)})" if len(good) > 1 else ""
     return replace(
-        last, rps=med("rps"), p50=med("p50"), p99=med("p99"), cpu_ms=med("cpu_ms"),
-        rss_mb=med("rss_mb"), note=(last.note + rounds).strip(),
+        last,
+        rps=med("rps"),
+        p50=med("p50"),
+        p99=med("p99"),
+        cpu_ms=med("cpu_ms"),
+        rss_mb=med("rss_mb"),
+        note=(last.note + rounds).strip(),
     )
 
 
@@ -481,17 +531,35 @@ def group_rows(
 def ledger_line(i: int, prev: str) -> bytes:
     minute, model = i // 60, ("bench-model", "bench-embed")[i % 7 == 0]
     record = {
-        "v": 1, "ts": f"2025-01-{1 + (minute // 1440) % 28:02d}T{(minute // 60) % 24:02d}:"
-        f"{minute % 60:02d}:{i % 60:02d}.000Z", "request_id": f"req-{i:08d}",
-        "endpoint": "/v1/chat/completions", "requested": model, "model": model,
-        "provider": "bench", "upstream_model": model, "region": "local", "stream": i % 2 == 0,
-        "status": 200, "outcome": "ok", "billable": True,
+        "v": 1,
+        "ts": f"2025-01-{1 + (minute // 1440) % 28:02d}T{(minute // 60) % 24:02d}:"
+        f"{minute % 60:02d}:{i % 60:02d}.000Z",
+        "request_id": f"req-{i:08d}",
+        "endpoint": "/v1/chat/completions",
+        "requested": model,
+        "model": model,
+        "provider": "bench",
+        "upstream_model": model,
+        "region": "local",
+        "stream": i % 2 == 0,
+        "status": 200,
+        "outcome": "ok",
+        "billable": True,
         "attempts": [{"provider": "bench", "status": 200, "reason": "ok", "ms": 12}],
-        "usage": {"input_tokens": 12, "output_tokens": 20, "cached_tokens": 0, "images": 0,
-                  "seconds": 0},
-        "usage_source": "reported", "model_fee_usd": "0.00001176",
-        "service_fee_usd": "0.0000003528", "total_usd": "0.0000121128", "saved_usd": "0",
-        "latency_ms": 14, "prev": prev,
+        "usage": {
+            "input_tokens": 12,
+            "output_tokens": 20,
+            "cached_tokens": 0,
+            "images": 0,
+            "seconds": 0,
+        },
+        "usage_source": "reported",
+        "model_fee_usd": "0.00001176",
+        "service_fee_usd": "0.0000003528",
+        "total_usd": "0.0000121128",
+        "saved_usd": "0",
+        "latency_ms": 14,
+        "prev": prev,
     }
     return orjson.dumps(record) + b"\n"
 
@@ -525,15 +593,30 @@ def usage_rows(drv: Driver, plan: Plan) -> list[Row]:
     name = f"usage, {plan.usage_lines:,} lines"
     runs = {
         "floor": [PY, str(BENCH / "usage_floor.py"), str(ledger)],
-        "sidecar": [str(exe), "usage", "--ledger", str(ledger), "--by", "model",
-                    "--format", "json"],
+        "sidecar": [
+            str(exe),
+            "usage",
+            "--ledger",
+            str(ledger),
+            "--by",
+            "model",
+            "--format",
+            "json",
+        ],
     }
     server_cpu = None if drv.cpu is None else 1
     rows = []
     for target, argv in runs.items():
         code, wall, cpu, rss, last = timed(server_cpu, argv)
-        row = Row(name, target, "usage", cpu_ms=cpu * 1000, rss_mb=rss, seconds=wall,
-                  note=f"{wall:.2f} s wall, {plan.usage_lines / wall:,.0f} lines/s")
+        row = Row(
+            name,
+            target,
+            "usage",
+            cpu_ms=cpu * 1000,
+            rss_mb=rss,
+            seconds=wall,
+            note=f"{wall:.2f} s wall, {plan.usage_lines / wall:,.0f} lines/s",
+        )
         if code != 0:
             row.problem = f"exit {code}: {last[:160]}"
         rows.append(row)
@@ -548,8 +631,9 @@ def ledger_bench(drv: Driver, quick: bool) -> str:
     sizes = ["--records", "1000", "--lines", "100000"] if quick else []
     argv = pin(None if drv.cpu is None else 1, [PY, str(script), *sizes, "--dir", str(drv.workdir)])
     try:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=120 if quick else 600,
-                              cwd=REPO)
+        done = subprocess.run(
+            argv, capture_output=True, text=True, timeout=120 if quick else 600, cwd=REPO
+        )
     except subprocess.TimeoutExpired:
         return "bench/ledger_bench.py did not finish in time."
     text = (done.stdout + ("" if done.returncode == 0 else done.stderr)).strip()
@@ -581,8 +665,18 @@ def versus(row: Row, ref: Row | None) -> str:
     return ", ".join(parts) or "-"
 
 
-HEADER = ("scenario", "target", "req/s", "p50 ms", "p99 ms", "CPU ms/req", "peak RSS MB",
-          "vs direct", "vs floor", "note")
+HEADER = (
+    "scenario",
+    "target",
+    "req/s",
+    "p50 ms",
+    "p99 ms",
+    "CPU ms/req",
+    "peak RSS MB",
+    "vs direct",
+    "vs floor",
+    "note",
+)
 
 
 def table(rows: list[Row], refs: dict[str, str]) -> str:
@@ -593,8 +687,18 @@ def table(rows: list[Row], refs: dict[str, str]) -> str:
         base = refs.get(r.scenario, r.scenario)
         direct = by_key.get((base, "direct"))
         floor = by_key.get((base, "floor"))
-        cells = [r.scenario, r.target, fmt(r.rps), fmt(r.p50), fmt(r.p99), fmt(r.cpu_ms, 3),
-                 fmt(r.rss_mb, 1), versus(r, direct), versus(r, floor), r.problem or r.note]
+        cells = [
+            r.scenario,
+            r.target,
+            fmt(r.rps),
+            fmt(r.p50),
+            fmt(r.p99),
+            fmt(r.cpu_ms, 3),
+            fmt(r.rss_mb, 1),
+            versus(r, direct),
+            versus(r, floor),
+            r.problem or r.note,
+        ]
         if r.problem:
             cells[2:9] = ["-"] * 7
         lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
@@ -619,8 +723,9 @@ def machine() -> str:
             if line.startswith("model name"):
                 model = line.split(":", 1)[1].strip()
                 break
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True, cwd=REPO).stdout.strip()
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO
+    ).stdout.strip()
     return f"{os.cpu_count()} CPUs ({model}), Python {sys.version.split()[0]}, commit {commit}"
 
 
@@ -685,8 +790,11 @@ def render(
     args: argparse.Namespace, plan: Plan, rows: list[Row], refs: dict[str, str], extra: str
 ) -> str:
     mode = "quick (smoke run, not for comparison)" if args.quick else "full"
-    command = "python bench/run.py" + (" --quick" if args.quick else "") + (
-        " --peers" if args.peers else "")
+    command = (
+        "python bench/run.py"
+        + (" --quick" if args.quick else "")
+        + (" --peers" if args.peers else "")
+    )
     head = [
         f"Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {mode}: "
         f"{plan.seconds:g} s per run, {plan.rounds} round(s); {machine()}.",

@@ -91,9 +91,7 @@ async def fake_upstream() -> AsyncIterator[str]:
     loop = asyncio.get_running_loop()
     tasks: set[asyncio.Task[None]] = set()
     answers = upstream.Answers(upstream.StreamShape(chunks=3, delay_s=0.001))
-    server = await loop.create_server(
-        lambda: upstream.Connection(answers, tasks), "127.0.0.1", 0
-    )
+    server = await loop.create_server(lambda: upstream.Connection(answers, tasks), "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     yield f"http://127.0.0.1:{port}"
     server.close()

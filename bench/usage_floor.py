@@ -1,6 +1,6 @@
 """The floor for `usage`: read a ledger, parse each line, sum tokens and Decimal cost per model.
 
-    python bench/usage_floor.py LEDGER
+python bench/usage_floor.py LEDGER
 """
 
 from __future__ import annotations

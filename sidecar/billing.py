@@ -35,8 +35,8 @@ class Usage:
     characters: int = 0
 
     def ledger_fields(self) -> dict[str, object]:
-        seconds: object = int(self.seconds) if self.seconds == self.seconds.to_integral() else (
-            usd(self.seconds)
+        seconds: object = (
+            int(self.seconds) if self.seconds == self.seconds.to_integral() else (usd(self.seconds))
         )
         return {
             "input_tokens": self.input_tokens,

@@ -103,8 +103,15 @@ class CachedAnswer:
     ) -> CachedAnswer:
         """An answer with ``size`` computed the way the cache accounts it."""
         raw = orjson.dumps(body)
-        return cls(endpoint, dict(body), provider, region, model, upstream_model,
-                   _entry_size(raw, provider, region, model, upstream_model))
+        return cls(
+            endpoint,
+            dict(body),
+            provider,
+            region,
+            model,
+            upstream_model,
+            _entry_size(raw, provider, region, model, upstream_model),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,8 +154,9 @@ def _entry_size(raw: bytes, *names: str) -> int:
 class _ByteLRU(cachetools.TTLCache[str, _Entry]):
     """TTLCache (LRU order) sized by entry bytes, counting evictions made for room."""
 
-    def __init__(self, counters: _Counters, max_bytes: int, ttl: float,
-                 timer: Callable[[], float]) -> None:
+    def __init__(
+        self, counters: _Counters, max_bytes: int, ttl: float, timer: Callable[[], float]
+    ) -> None:
         super().__init__(maxsize=max_bytes, ttl=ttl, timer=timer, getsizeof=_size_of)
         self._counters = counters
 
@@ -177,8 +185,15 @@ class ResponseCache:
     @property
     def stats(self) -> CacheStats:
         c = self._counters
-        return CacheStats(c.hits, c.misses, c.stores, c.evictions, c.rejected,
-                          int(self._entries.currsize), len(self._entries))
+        return CacheStats(
+            c.hits,
+            c.misses,
+            c.stores,
+            c.evictions,
+            c.rejected,
+            int(self._entries.currsize),
+            len(self._entries),
+        )
 
     def decide(self, endpoint: str, body: Mapping[str, Any], directive: Directive) -> Decision:
         if self._config.mode == "off":
@@ -235,8 +250,15 @@ class ResponseCache:
         entry = self._entries.get(key)
         if entry is None or not allows(entry.provider, entry.model):
             return None
-        return CachedAnswer(entry.endpoint, orjson.loads(entry.raw), entry.provider,
-                            entry.region, entry.model, entry.upstream_model, entry.size)
+        return CachedAnswer(
+            entry.endpoint,
+            orjson.loads(entry.raw),
+            entry.provider,
+            entry.region,
+            entry.model,
+            entry.upstream_model,
+            entry.size,
+        )
 
     def storable(self, body: Mapping[str, Any]) -> bool:
         if "error" in body:
@@ -263,13 +285,19 @@ class ResponseCache:
     def put(self, key: str, answer: CachedAnswer) -> None:
         """Store ``answer``; one larger than ``max_bytes`` is not stored at all."""
         raw = orjson.dumps(answer.body)
-        size = _entry_size(raw, answer.provider, answer.region, answer.model,
-                           answer.upstream_model)
+        size = _entry_size(raw, answer.provider, answer.region, answer.model, answer.upstream_model)
         if size > self._config.max_bytes:
             self._counters.rejected += 1
             return
-        self._entries[key] = _Entry(answer.endpoint, raw, answer.provider, answer.region,
-                                    answer.model, answer.upstream_model, size)
+        self._entries[key] = _Entry(
+            answer.endpoint,
+            raw,
+            answer.provider,
+            answer.region,
+            answer.model,
+            answer.upstream_model,
+            size,
+        )
         self._counters.stores += 1
 
 

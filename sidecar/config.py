@@ -55,7 +55,7 @@ def _money(value: object) -> object:
         raise ValueError(f'write money as a decimal string, e.g. "{value}", not a float')
     if isinstance(value, str):
         if value.strip() == "":
-            raise ValueError('an empty string is not an amount; remove the key instead')
+            raise ValueError("an empty string is not an amount; remove the key instead")
         try:
             amount = Decimal(value.strip())
         except InvalidOperation:
@@ -288,9 +288,7 @@ class ProviderConfig(Frozen):
     def _one_key_source(self) -> ProviderConfig:
         sources = [self.api_key_env, self.api_key_file, self.api_key_credential]
         if sum(s is not None for s in sources) > 1:
-            raise ValueError(
-                "set only one of api_key_env, api_key_file and api_key_credential"
-            )
+            raise ValueError("set only one of api_key_env, api_key_file and api_key_credential")
         return self
 
 
@@ -412,7 +410,8 @@ def _read_key(
                 f"{where}.api_key_credential: $CREDENTIALS_DIRECTORY is not set "
                 "(use LoadCredential= in the systemd unit, or api_key_file)"
             )
-        return _read_key_file(f"{where}.api_key_credential", Path(directory) / provider.api_key_credential)
+        credential = Path(directory) / provider.api_key_credential
+        return _read_key_file(f"{where}.api_key_credential", credential)
     if provider.api_key_file is not None:
         return _read_key_file(f"{where}.api_key_file", provider.api_key_file)
     return None, None
@@ -471,7 +470,8 @@ def load(path: Path, *, environ: Mapping[str, str] | None = None) -> Settings:
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise ConfigError(str(path), [f"{path}: cannot read the config file: {exc.strerror or exc}"]) from None
+        problem = f"{path}: cannot read the config file: {exc.strerror or exc}"
+        raise ConfigError(str(path), [problem]) from None
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

@@ -296,7 +296,7 @@ class Ledger:
         head = self._last_hash
         lines = []
         for body, _ in batch:
-            line = b"%s,\"prev\":\"%s\"}\n" % (body[:-1], head.encode())
+            line = b'%s,"prev":"%s"}\n' % (body[:-1], head.encode())
             head = line_hash(line)
             lines.append(line)
         return lines, head

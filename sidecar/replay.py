@@ -139,8 +139,10 @@ class StreamAssembler:
         if any(c.finish_reason is None for c in self._choices.values()):
             return None
         chat = self._object != "text_completion"
-        body: dict[str, Any] = {"id": self._header.get("id", ""),
-                                "object": "chat.completion" if chat else "text_completion"}
+        body: dict[str, Any] = {
+            "id": self._header.get("id", ""),
+            "object": "chat.completion" if chat else "text_completion",
+        }
         body["created"] = self._header.get("created", 0)
         body["model"] = self._header.get("model", "")
         body["choices"] = [self._choice_result(i, chat) for i in sorted(self._choices)]
@@ -182,8 +184,12 @@ def _pieces(text: str, size: int) -> list[str]:
 
 
 def _base(body: Mapping[str, Any], kind: str, include_usage: bool) -> dict[str, Any]:
-    base: dict[str, Any] = {"id": body.get("id", ""), "object": kind,
-                            "created": body.get("created", 0), "model": body.get("model", "")}
+    base: dict[str, Any] = {
+        "id": body.get("id", ""),
+        "object": kind,
+        "created": body.get("created", 0),
+        "model": body.get("model", ""),
+    }
     for name in ("service_tier", "system_fingerprint"):
         if name in body:
             base[name] = body[name]
@@ -214,9 +220,7 @@ def _chat_choice(index: int, delta: dict[str, Any], logprobs: Any, finish: Any) 
     return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
 
 
-def _chat_deltas(
-    choice: Mapping[str, Any], size: int
-) -> Iterator[tuple[dict[str, Any], Any]]:
+def _chat_deltas(choice: Mapping[str, Any], size: int) -> Iterator[tuple[dict[str, Any], Any]]:
     message = choice.get("message") or {}
     content, logprobs = message.get("content"), choice.get("logprobs")
     first = "" if isinstance(content, str) else None
@@ -242,8 +246,12 @@ def _tool_call_deltas(
     index: int, call: Mapping[str, Any], size: int
 ) -> Iterator[tuple[dict[str, Any], Any]]:
     function = call.get("function") or {}
-    head = {"index": index, "id": call.get("id"), "type": call.get("type", "function"),
-            "function": {"name": function.get("name", ""), "arguments": ""}}
+    head = {
+        "index": index,
+        "id": call.get("id"),
+        "type": call.get("type", "function"),
+        "function": {"name": function.get("name", ""), "arguments": ""},
+    }
     yield {"tool_calls": [head]}, None
     for piece in _pieces(function.get("arguments", ""), size):
         yield {"tool_calls": [{"index": index, "function": {"arguments": piece}}]}, None

@@ -197,9 +197,7 @@ class Catalog:
             self._memo[memo_key] = scope
         return scope
 
-    def _resolve(
-        self, requested: str, narrowing: Narrowing, kinds: frozenset[str] | None
-    ) -> Scope:
+    def _resolve(self, requested: str, narrowing: Narrowing, kinds: frozenset[str] | None) -> Scope:
         requested = requested.strip()
         if "/" in requested:
             return self._resolve_pinned(requested, narrowing, kinds)

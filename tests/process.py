@@ -63,9 +63,7 @@ def key_env(providers: Sequence[Mapping[str, Any]]) -> dict[str, str]:
     return {f"{p['name'].upper()}_KEY": f"{TEST_KEY}-{p['name']}" for p in providers}
 
 
-def write_config(
-    path: Path, providers: Sequence[Mapping[str, Any]], **sections: Any
-) -> Path:
+def write_config(path: Path, providers: Sequence[Mapping[str, Any]], **sections: Any) -> Path:
     """A daemon config on port 0 with a JSON log and a ledger beside the config."""
     raw: dict[str, Any] = {"providers": list(providers), **sections}
     raw["server"] = {"listen": "127.0.0.1:0", **sections.get("server", {})}

@@ -80,9 +80,7 @@ def test_custom_rate_for_enterprise() -> None:
 
 
 def test_cached_tokens_at_input_price_when_no_cached_price() -> None:
-    model = ModelConfig(
-        upstream="m", input_per_mtok=Decimal("2.5"), output_per_mtok=Decimal("10")
-    )
+    model = ModelConfig(upstream="m", input_per_mtok=Decimal("2.5"), output_per_mtok=Decimal("10"))
     c = cost(Usage(input_tokens=1000, cached_tokens=800, output_tokens=3), model, Decimal(0))
     assert usd(c.model_fee) == "0.00253"
 

@@ -46,16 +46,20 @@ def chat_answer(content: str | None = "Hello there.", **extra: Any) -> dict[str,
         "object": "chat.completion",
         "created": 1741570283,
         "model": "deepseek-v3.2",
-        "choices": [
-            {"index": 0, "message": message, "logprobs": None, "finish_reason": "stop"}
-        ],
+        "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": "stop"}],
         "usage": {"prompt_tokens": 10, "completion_tokens": 3, "total_tokens": 13},
     }
 
 
 def make_answer(body: dict[str, Any], provider: str = "alpha", region: str = "eu") -> CachedAnswer:
-    return CachedAnswer.build(CHAT, body, provider=provider, region=region,
-                              model="deepseek-v3.2", upstream_model="deepseek-chat")
+    return CachedAnswer.build(
+        CHAT,
+        body,
+        provider=provider,
+        region=region,
+        model="deepseek-v3.2",
+        upstream_model="deepseek-chat",
+    )
 
 
 def anywhere(_provider: str, _model: str) -> bool:
@@ -208,8 +212,9 @@ json_leaf = (
 )
 json_value = st.recursive(
     json_leaf,
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
-                                                                max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
     max_leaves=12,
 )
 field_name = st.text(min_size=1, max_size=12).filter(lambda k: k not in KEY_DENY_LIST)
@@ -258,7 +263,11 @@ def test_hit_after_put_and_miss_before() -> None:
     assert hit is not None
     assert hit.body == chat_answer()
     assert (hit.provider, hit.region, hit.model, hit.upstream_model) == (
-        "alpha", "eu", "deepseek-v3.2", "deepseek-chat")
+        "alpha",
+        "eu",
+        "deepseek-v3.2",
+        "deepseek-chat",
+    )
     stats = cache.stats
     assert (stats.hits, stats.misses, stats.stores, stats.entries) == (1, 1, 1, 1)
     assert stats.bytes == hit.size
@@ -363,8 +372,11 @@ def test_eviction_is_least_recently_used() -> None:
 
 # --- storable ----------------------------------------------------------------------------------
 
-TOOL_CALL = {"id": "call_1", "type": "function",
-             "function": {"name": "get_weather", "arguments": "{\"city\": \"Oslo\"}"}}
+TOOL_CALL = {
+    "id": "call_1",
+    "type": "function",
+    "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'},
+}
 
 
 def with_finish(body: dict[str, Any], finish: str | None) -> dict[str, Any]:
@@ -384,12 +396,28 @@ def with_finish(body: dict[str, Any], finish: str | None) -> dict[str, Any]:
         (chat_answer("x", tool_calls=[TOOL_CALL]), False, False),
         ({"error": {"message": "bad", "type": "x", "param": None, "code": "y"}}, False, False),
         ({**chat_answer(), "choices": []}, False, False),
-        ({"object": "list", "data": [{"object": "embedding", "index": 0, "embedding": [0.1]}],
-          "model": "e", "usage": {"prompt_tokens": 1, "total_tokens": 1}}, False, True),
+        (
+            {
+                "object": "list",
+                "data": [{"object": "embedding", "index": 0, "embedding": [0.1]}],
+                "model": "e",
+                "usage": {"prompt_tokens": 1, "total_tokens": 1},
+            },
+            False,
+            True,
+        ),
         ({"object": "list", "data": []}, False, False),
-        ({"object": "text_completion", "id": "c", "created": 1, "model": "m",
-          "choices": [{"index": 0, "text": "hi", "logprobs": None, "finish_reason": "stop"}]},
-         False, True),
+        (
+            {
+                "object": "text_completion",
+                "id": "c",
+                "created": 1,
+                "model": "m",
+                "choices": [{"index": 0, "text": "hi", "logprobs": None, "finish_reason": "stop"}],
+            },
+            False,
+            True,
+        ),
         ({"object": "response"}, False, False),
     ],
 )
@@ -399,14 +427,21 @@ def test_storable(body: dict[str, Any], tools_configured: bool, ok: bool) -> Non
 
 def test_an_answer_assembled_from_a_stream_serves_a_non_stream_request() -> None:
     cache = make_cache()
-    streamed = {"model": "m", "temperature": 0, "stream": True,
-                "stream_options": {"include_usage": True}, "messages": []}
+    streamed = {
+        "model": "m",
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "messages": [],
+    }
     plain = {"model": "m", "temperature": 0, "messages": []}
     assembler = StreamAssembler()
     base = {"id": "c1", "object": "chat.completion.chunk", "created": 5, "model": "m"}
     for choices, usage in (
-        ([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}],
-         None),
+        (
+            [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}],
+            None,
+        ),
         ([{"index": 0, "delta": {"content": "Hi"}, "finish_reason": None}], None),
         ([{"index": 0, "delta": {}, "finish_reason": "stop"}], None),
         ([], {"prompt_tokens": 2, "completion_tokens": 1, "total_tokens": 3}),

@@ -51,6 +51,7 @@ def chat_calls(fake: Any) -> int:
 
 async def upstream_reached(fake: Any, calls: int = 1) -> None:
     """Wait (bounded) until the fake has seen ``calls`` chat requests: ordering, not timing."""
+
     async def poll() -> None:
         while chat_calls(fake) < calls:
             await asyncio.sleep(0.01)
@@ -274,9 +275,7 @@ async def test_a_stream_hit_ends_with_done_and_has_usage_only_when_asked(
     assert "X-TokenHub-Cost-USD" not in headers
     assert body.endswith(b"data: [DONE]\n\n")
     assert b'"usage"' not in body
-    _, _, body = await post(
-        sidecar, chat_body(stream=True, stream_options={"include_usage": True})
-    )
+    _, _, body = await post(sidecar, chat_body(stream=True, stream_options={"include_usage": True}))
     assert b'"usage":{' in body and body.endswith(b"data: [DONE]\n\n")
     assert chat_calls(fake) == 1
 
@@ -473,9 +472,7 @@ async def test_a_failing_shared_call_releases_every_waiter(
     fake.script(stall(0.3, then=status(503)))
     client = sidecar.client()
     calls = [client.chat.completions.with_raw_response.create(**DETERMINISTIC) for _ in range(20)]
-    outcomes = await asyncio.wait_for(
-        asyncio.gather(*calls, return_exceptions=True), timeout=20
-    )
+    outcomes = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), timeout=20)
     failed = [o for o in outcomes if isinstance(o, openai.APIStatusError)]
     answered = [o for o in outcomes if not isinstance(o, BaseException)]
     assert len(failed) + len(answered) == 20, outcomes
@@ -557,8 +554,10 @@ async def test_cache_results_bytes_and_evictions_show_at_metrics(
     await post(sidecar, chat_body(), {"X-TokenHub-Cache": "no-store"})  # bypass
     await post(sidecar, chat_body(temperature=1))  # bypass: not deterministic
     text = await metrics_text(sidecar)
-    results = {r: metric(text, "tokenhub_cache_requests_total", f'result="{r}"')
-               for r in ("hit", "miss", "bypass")}
+    results = {
+        r: metric(text, "tokenhub_cache_requests_total", f'result="{r}"')
+        for r in ("hit", "miss", "bypass")
+    }
     assert results == {"hit": 1, "miss": 1, "bypass": 2}
     held = metric(text, "tokenhub_cache_bytes")
     assert held == sidecar.runtime.cache.stats.bytes > 0

@@ -17,13 +17,23 @@ from .conftest import provider
 
 PATHS = ["/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/-/route"]
 OK_STATUSES = {200, 400, 401, 403, 404, 405, 413, 429, 502, 503}
-MODELS = ["deepseek-v3.2", "alpha/deepseek-v3.2", "beta/deepseek-v3.2", "text-embedding-3-small",
-          "nope", "", 7, None, ["deepseek-v3.2"]]
+MODELS = [
+    "deepseek-v3.2",
+    "alpha/deepseek-v3.2",
+    "beta/deepseek-v3.2",
+    "text-embedding-3-small",
+    "nope",
+    "",
+    7,
+    None,
+    ["deepseek-v3.2"],
+]
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
-    lambda inner: st.lists(inner, max_size=3)
-    | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3)
+    ),
     max_leaves=8,
 )
 chat_bodies = st.fixed_dictionaries(
@@ -31,8 +41,12 @@ chat_bodies = st.fixed_dictionaries(
     optional={
         "messages": st.one_of(
             json_values,
-            st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "system", 3]),
-                                            "content": json_values}), max_size=3),
+            st.lists(
+                st.fixed_dictionaries(
+                    {"role": st.sampled_from(["user", "system", 3]), "content": json_values}
+                ),
+                max_size=3,
+            ),
         ),
         "prompt": json_values,
         "input": json_values,
@@ -49,16 +63,25 @@ bodies = st.one_of(
     json_values.map(lambda value: json.dumps(value).encode()),
     st.binary(max_size=200),
 )
-header_values = st.text(
-    st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=40
-)
+header_values = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=40)
 headers = st.dictionaries(
     st.sampled_from(
-        ["X-TokenHub-Regions", "X-TokenHub-Providers", "X-TokenHub-Cache", "X-TokenHub-Affinity",
-         "X-Request-Id", "Cache-Control", "Content-Type", "Authorization", "Origin", "Host"]
+        [
+            "X-TokenHub-Regions",
+            "X-TokenHub-Providers",
+            "X-TokenHub-Cache",
+            "X-TokenHub-Affinity",
+            "X-Request-Id",
+            "Cache-Control",
+            "Content-Type",
+            "Authorization",
+            "Origin",
+            "Host",
+        ]
     ),
-    st.one_of(st.sampled_from(["eu", "alpha", "beta,alpha", "no-store", "us", "127.0.0.1"]),
-              header_values),
+    st.one_of(
+        st.sampled_from(["eu", "alpha", "beta,alpha", "no-store", "us", "127.0.0.1"]), header_values
+    ),
     max_size=4,
 )
 
@@ -114,5 +137,3 @@ async def test_any_body_and_headers_get_a_clean_answer(start_sidecar, make_setti
     finally:
         await http.close()
     assert alpha.requests or beta.requests
-
-

@@ -23,9 +23,7 @@ REQUESTS = 300
 KILL_AFTER = 120
 
 
-async def _one(
-    http: aiohttp.ClientSession, url: str, n: int, done: list[str]
-) -> None:
+async def _one(http: aiohttp.ClientSession, url: str, n: int, done: list[str]) -> None:
     """One request; its id goes to ``done`` only once the whole answer has arrived."""
     request_id = f"kill-{n:04d}"
     stream = n % 3 == 0

@@ -36,8 +36,12 @@ def test_spec_names_and_plain_labels() -> None:
         ("status", "200"),
     )
     assert got[("tokenhub_requests_total", key)] == 2
-    rejected = (("endpoint", "/v1/chat/completions"), ("model", ""), ("provider", ""),
-                ("status", "403"))
+    rejected = (
+        ("endpoint", "/v1/chat/completions"),
+        ("model", ""),
+        ("provider", ""),
+        ("status", "403"),
+    )
     assert got[("tokenhub_requests_total", rejected)] == 1
     attempt = (("outcome", "ok"), ("provider", "alpha"))
     assert got[("tokenhub_upstream_attempts_total", attempt)] == 1

@@ -128,8 +128,18 @@ def test_rpm_must_be_positive() -> None:
 
 @pytest.mark.parametrize(
     ("seconds", "text"),
-    [(0, "0s"), (-1, "0s"), (0.0004, "1ms"), (0.25, "250ms"), (1, "1s"), (1.5, "1.5s"),
-     (59.999, "59.999s"), (60, "1m0s"), (360, "6m0s"), (3725.5, "1h2m5.5s")],
+    [
+        (0, "0s"),
+        (-1, "0s"),
+        (0.0004, "1ms"),
+        (0.25, "250ms"),
+        (1, "1s"),
+        (1.5, "1.5s"),
+        (59.999, "59.999s"),
+        (60, "1m0s"),
+        (360, "6m0s"),
+        (3725.5, "1h2m5.5s"),
+    ],
 )
 def test_format_duration(seconds: float, text: str) -> None:
     assert format_duration(seconds) == text

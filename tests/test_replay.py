@@ -20,8 +20,11 @@ USAGE = {
     "total_tokens": 29,
     "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
 }
-TOOL_CALL = {"id": "call_abc", "type": "function",
-             "function": {"name": "get_weather", "arguments": "{\"city\": \"Oslo\", \"u\": \"C\"}"}}
+TOOL_CALL = {
+    "id": "call_abc",
+    "type": "function",
+    "function": {"name": "get_weather", "arguments": '{"city": "Oslo", "u": "C"}'},
+}
 
 
 def chat_body(*contents: str | None, usage: bool = True, **message_extra: Any) -> dict[str, Any]:
@@ -63,7 +66,7 @@ def parse_events(events: list[bytes]) -> list[dict[str, Any]]:
     parsed = []
     for event in events[:-1]:
         assert event.startswith(b"data: ") and event.endswith(b"\n\n")
-        assert b"\n" not in event[: -2]
+        assert b"\n" not in event[:-2]
         parsed.append(orjson.loads(event[len(b"data: ") : -2]))
     return parsed
 
@@ -104,14 +107,20 @@ def test_replayed_chat_chunks_have_openai_shapes() -> None:
     assert all(c["id"] == "chatcmpl-B9MHDbslfkBeAs8l4bebGdFOJ6PeG" for c in chunks)
     assert all(c["system_fingerprint"] == "fp_fc9f1d7035" for c in chunks)
     first, *middle, finish, usage = chunks
-    assert first["choices"] == [{"index": 0, "delta": {"role": "assistant", "content": "",
-                                                       "refusal": None},
-                                 "logprobs": None, "finish_reason": None}]
+    assert first["choices"] == [
+        {
+            "index": 0,
+            "delta": {"role": "assistant", "content": "", "refusal": None},
+            "logprobs": None,
+            "finish_reason": None,
+        }
+    ]
     assert len(middle) == -(-len(LONG) // 50)
     assert all(set(c["choices"][0]["delta"]) == {"content"} for c in middle)
     assert all(c["usage"] is None for c in [first, *middle, finish])
-    assert finish["choices"] == [{"index": 0, "delta": {}, "logprobs": None,
-                                  "finish_reason": "stop"}]
+    assert finish["choices"] == [
+        {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}
+    ]
     assert usage["choices"] == [] and usage["usage"] == USAGE
 
 
@@ -134,8 +143,10 @@ def test_replayed_text_completion_chunks() -> None:
 def test_logprobs_survive_the_round_trip() -> None:
     body = chat_body("Hi there")
     token = {"token": "Hi", "logprob": -0.1, "bytes": [72, 105], "top_logprobs": []}
-    body["choices"][0]["logprobs"] = {"content": [token, {**token, "token": " there"}],
-                                      "refusal": None}
+    body["choices"][0]["logprobs"] = {
+        "content": [token, {**token, "token": " there"}],
+        "refusal": None,
+    }
     assert reassemble(replay_chunks(body, include_usage=True)) == body
 
 
@@ -145,8 +156,10 @@ def test_embeddings_cannot_be_replayed_as_a_stream() -> None:
 
 
 @settings(max_examples=60, deadline=None)
-@given(contents=st.lists(st.text(max_size=300), min_size=1, max_size=3),
-       size=st.integers(min_value=1, max_value=80))
+@given(
+    contents=st.lists(st.text(max_size=300), min_size=1, max_size=3),
+    size=st.integers(min_value=1, max_value=80),
+)
 def test_any_content_round_trips(contents: list[str], size: int) -> None:
     body = chat_body(*contents)
     assert reassemble(replay_chunks(body, include_usage=True, chunk_chars=size)) == body
@@ -156,20 +169,32 @@ def test_any_content_round_trips(contents: list[str], size: int) -> None:
 
 
 def upstream_chunks() -> list[dict[str, Any]]:
-    base = {"id": "c9", "object": "chat.completion.chunk", "created": 7, "model": "qwen3-max",
-            "service_tier": "default", "system_fingerprint": "fp_1", "usage": None}
+    base = {
+        "id": "c9",
+        "object": "chat.completion.chunk",
+        "created": 7,
+        "model": "qwen3-max",
+        "service_tier": "default",
+        "system_fingerprint": "fp_1",
+        "usage": None,
+    }
 
     def choice(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
-        return {**base, "choices": [{"index": 0, "delta": delta, "logprobs": None,
-                                     "finish_reason": finish}]}
+        return {
+            **base,
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+        }
 
     return [
         choice({"role": "assistant", "content": "", "refusal": None}),
         choice({"content": "Hel"}),
         {**choice({"content": "lo"}), "obfuscation": "xyz"},
         choice({}, "stop"),
-        {**base, "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2,
-                                          "total_tokens": 5}},
+        {
+            **base,
+            "choices": [],
+            "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5},
+        },
     ]
 
 
@@ -182,9 +207,14 @@ def test_assembler_builds_the_non_stream_object() -> None:
         "object": "chat.completion",
         "created": 7,
         "model": "qwen3-max",
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello",
-                                             "refusal": None},
-                     "logprobs": None, "finish_reason": "stop"}],
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "Hello", "refusal": None},
+                "logprobs": None,
+                "finish_reason": "stop",
+            }
+        ],
         "system_fingerprint": "fp_1",
         "service_tier": "default",
         "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5},
@@ -195,22 +225,33 @@ def test_assembler_joins_streamed_tool_call_arguments() -> None:
     base = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m"}
     deltas: list[tuple[dict[str, Any], str | None]] = [
         ({"role": "assistant", "content": None}, None),
-        ({"tool_calls": [{"index": 0, "id": "call_1", "type": "function",
-                          "function": {"name": "f", "arguments": ""}}]}, None),
-        ({"tool_calls": [{"index": 0, "function": {"arguments": "{\"a\":"}}]}, None),
+        (
+            {
+                "tool_calls": [
+                    {
+                        "index": 0,
+                        "id": "call_1",
+                        "type": "function",
+                        "function": {"name": "f", "arguments": ""},
+                    }
+                ]
+            },
+            None,
+        ),
+        ({"tool_calls": [{"index": 0, "function": {"arguments": '{"a":'}}]}, None),
         ({"tool_calls": [{"index": 0, "function": {"arguments": " 1}"}}]}, None),
         ({}, "tool_calls"),
     ]
     assembler = StreamAssembler()
     for delta, finish in deltas:
-        assembler.feed({**base, "choices": [{"index": 0, "delta": delta,
-                                             "finish_reason": finish}]})
+        assembler.feed({**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
     body = assembler.complete()
     assert body is not None
     message = body["choices"][0]["message"]
     assert message["content"] is None
-    assert message["tool_calls"] == [{"id": "call_1", "type": "function",
-                                      "function": {"name": "f", "arguments": "{\"a\": 1}"}}]
+    assert message["tool_calls"] == [
+        {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": '{"a": 1}'}}
+    ]
 
 
 def test_an_incomplete_stream_assembles_to_nothing() -> None:
@@ -226,8 +267,15 @@ def test_a_stream_with_an_error_event_assembles_to_nothing() -> None:
     assembler = StreamAssembler()
     for chunk in upstream_chunks()[:2]:
         assembler.feed(chunk)
-    assembler.feed({"error": {"message": "upstream stream interrupted", "type": "upstream_error",
-                              "code": "stream_interrupted"}})
+    assembler.feed(
+        {
+            "error": {
+                "message": "upstream stream interrupted",
+                "type": "upstream_error",
+                "code": "stream_interrupted",
+            }
+        }
+    )
     for chunk in upstream_chunks()[2:]:
         assembler.feed(chunk)
     assert assembler.complete() is None
@@ -237,8 +285,12 @@ def test_a_multi_choice_stream_needs_every_choice_finished() -> None:
     base = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m"}
     assembler = StreamAssembler()
     for index, finish in ((0, None), (1, None), (0, "stop")):
-        assembler.feed({**base, "choices": [{"index": index, "delta": {"content": "x"},
-                                             "finish_reason": finish}]})
+        assembler.feed(
+            {
+                **base,
+                "choices": [{"index": index, "delta": {"content": "x"}, "finish_reason": finish}],
+            }
+        )
     assert assembler.complete() is None
     assembler.feed({**base, "choices": [{"index": 1, "delta": {}, "finish_reason": "length"}]})
     body = assembler.complete()
@@ -308,11 +360,14 @@ async def test_the_openai_sdk_reads_a_replayed_tool_call_stream(
 async def test_the_openai_sdk_reads_a_replayed_completions_stream(
     aiohttp_server: ServerFactory,
 ) -> None:
-    base_url = await serve_events(aiohttp_server,
-                                  replay_chunks(text_body(LONG), include_usage=True))
+    base_url = await serve_events(
+        aiohttp_server, replay_chunks(text_body(LONG), include_usage=True)
+    )
     async with openai.AsyncOpenAI(base_url=base_url, api_key="x", max_retries=0) as client:
         stream = await client.completions.create(
-            model="deepseek-v3.2", prompt="p", stream=True,
+            model="deepseek-v3.2",
+            prompt="p",
+            stream=True,
             stream_options={"include_usage": True},
         )
         text, usage = [], None

@@ -172,8 +172,10 @@ async def test_cr_lf_nul_in_headers_are_rejected(deadline_server, header):
     body = json.dumps(chat()).encode()
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(
-        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n" + header
-        + f"\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        + header
+        + f"\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+        + body
     )
     answer = await asyncio.wait_for(reader.read(), 5)
     writer.close()

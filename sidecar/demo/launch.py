@@ -22,7 +22,7 @@ Or from Python (pip install openai):
   print(client.chat.completions.create(model="deepseek-v3.2", messages=[{{"role": "user", "content": "Hello"}}]).choices[0].message.content)
 
 Then: tokenhub-sidecar usage --ledger {ledger}   (Ctrl-C stops the demo)
-"""
+"""  # noqa: E501
 
 
 async def run_demo(*, listen: str, ledger: str) -> int:
