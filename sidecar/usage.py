@@ -207,7 +207,7 @@ class Totals:
 
     def add_rows(self, rows: Sequence[tuple[str, ...]]) -> None:
         """Add fast-path rows (see ``_FAST``): the same sums as ``add`` over the same lines."""
-        columns = list(zip(*rows, strict=True))
+        columns = list(zip(*rows, strict=False))
         flags = list(map(_TRUE.__eq__, columns[_BILLABLE]))
         billable = sum(flags)
         self.requests += len(rows)
@@ -253,21 +253,28 @@ Segment = tuple[Path, int, int]  # a file and a byte range [start, end) on line 
 # JSON (orjson skips it) yet it matches here; ``ledger verify`` reports such a line.
 
 
-def _fast_line(string: str, char: str) -> str:
+def _fast_line(string: str, char: str, captured: frozenset[str]) -> str:
     """The regular expression for one line; ``string`` matches any JSON string, ``char`` one
-    character of a string without escapes. Each value has the type our writer gives it; a line
-    with another (say a hand-edited ``null``) is simply not a fast line."""
+    character of a string without escapes, and only the ``captured`` optional fields (ts, day,
+    model, provider) are groups. Each value has the type our writer gives it; a line with
+    another (say a hand-edited ``null``) is simply not a fast line."""
+
+    def group(name: str, body: str) -> str:
+        return f"({body})" if name in captured else body
+
     number = "(?:0|[1-9][0-9]*)"
-    text = f'"({char}*)"'
     money = r'"([0-9]+(?:\.[0-9]+)?)"'
     count = "(0|[1-9][0-9]*)"
     flag = "(?:true|false)"
     attempt = rf'\{{"provider":{string},"status":{number},"reason":{string},"ms":{number}\}}'
+    ts = group("ts", group("day", f"{char}{{0,10}}") + f"{char}*")
     return (
-        rf'\{{"v":{number},"ts":"(({char}{{0,10}}){char}*)","request_id":{string},'
-        rf'"endpoint":{string},"requested":{string},"model":{text},"provider":{text},'
+        rf'\{{"v":{number},"ts":"{ts}","request_id":{string},'
+        rf'"endpoint":{string},"requested":{string},'
+        rf'"model":"{group("model", char + "*")}","provider":"{group("provider", char + "*")}",'
         rf'"upstream_model":{string},"region":{string},"stream":{flag},"status":{number},'
-        rf'"outcome":{text},"billable":(true|false),"attempts":\[(?:{attempt}(?:,{attempt})*)?\],'
+        rf'"outcome":"({char}*)","billable":(true|false),'
+        rf'"attempts":\[(?:{attempt}(?:,{attempt})*)?\],'
         rf'"usage":\{{"input_tokens":{count},"output_tokens":{count},"cached_tokens":{count},'
         rf'"images":{number},"seconds":(?:{number}|{string})\}},"usage_source":{string},'
         rf'"model_fee_usd":{money},"service_fee_usd":{money},"total_usd":{money},'
@@ -280,18 +287,18 @@ _PLAIN_STRING = r'"[^"]*"'
 _ESCAPED_STRING = r'"[^"\\]*(?:\\(?:["\\/bfnrt]|u[0-9a-fA-F]{4})[^"\\]*)*"'
 _PLAIN_CHAR = r'[^"]'
 _ESCAPED_CHAR = r'[^"\\]'
-_OTHER_LINE = r"(.*\n)"
-_LINES = re.compile(
-    f"^(?:{_fast_line(_PLAIN_STRING, _PLAIN_CHAR)}|{_OTHER_LINE})", re.MULTILINE
-)
-_LINES_ESCAPED = re.compile(
-    f"^(?:{_fast_line(_ESCAPED_STRING, _ESCAPED_CHAR)}|{_OTHER_LINE})", re.MULTILINE
-)
-# Columns of a fast row.
-_TS, _DAY, _MODEL, _PROVIDER, _OUTCOME, _BILLABLE = 0, 1, 2, 3, 4, 5
-_INPUT, _OUTPUT, _CACHED = 6, 7, 8
-_MODEL_FEE, _SERVICE_FEE, _TOTAL, _SAVED, _ESTIMATED, _SLOW = 9, 10, 11, 12, 13, 14
-_KEY_COLUMNS = {"day": _DAY, "model": _MODEL, "provider": _PROVIDER, "outcome": _OUTCOME}
+_OPTIONAL = ("ts", "day", "model", "provider")  # captured only when needed, in this order
+
+
+def _lines_pattern(escaped: bool, captured: frozenset[str]) -> re.Pattern[str]:
+    """Whole lines: the fast line's groups, then ``(.*\n)`` (any other line) as the last one."""
+    string, char = (_ESCAPED_STRING, _ESCAPED_CHAR) if escaped else (_PLAIN_STRING, _PLAIN_CHAR)
+    return re.compile(f"^(?:{_fast_line(string, char, captured)}|(.*\n))", re.MULTILINE)
+
+
+# Columns of a fast row, counted from its end (the optional ones come first).
+_OUTCOME, _BILLABLE, _INPUT, _OUTPUT, _CACHED = -11, -10, -9, -8, -7
+_MODEL_FEE, _SERVICE_FEE, _TOTAL, _SAVED, _ESTIMATED, _SLOW = -6, -5, -4, -3, -2, -1
 _TRUE = "true"
 _NEWLINE = ord("\n")
 _NOTHING = frozenset({"", "0"})
@@ -299,9 +306,8 @@ _NOTHING = frozenset({"", "0"})
 
 def is_fast_line(line: str) -> bool:
     """Whether one line (with its newline) is summed by the fast path rather than by orjson."""
-    pattern = _LINES_ESCAPED if "\\" in line else _LINES
-    match = pattern.match(line)
-    return match is not None and match.group(_SLOW + 1) is None
+    match = _lines_pattern("\\" in line, frozenset()).match(line)
+    return match is not None and match.group(match.re.groups) is None
 
 
 def _money(values: Iterable[str]) -> Decimal:
@@ -314,7 +320,15 @@ class _Summer:
     def __init__(self, since: str, until: str, by: tuple[str, ...]) -> None:
         self.since, self.until, self.by = since, until, by
         self.groups: dict[GroupKey, Totals] = {}
-        columns = [_KEY_COLUMNS[f] for f in by]
+        captured = {"ts"} if since or until != NO_UPPER_BOUND else set()
+        captured.update(by)
+        names = [name for name in _OPTIONAL if name in captured]
+        self._patterns = (
+            _lines_pattern(False, frozenset(names)),
+            _lines_pattern(True, frozenset(names)),
+        )
+        self._ts = names.index("ts") if "ts" in names else 0
+        columns = [_OUTCOME if f == "outcome" else names.index(f) for f in by]
         self._key = itemgetter(*columns) if columns else None
         self._single = len(columns) == 1
 
@@ -340,7 +354,7 @@ class _Summer:
 
     def add_text(self, text: str) -> None:
         """Whole lines (each ending in a newline) of valid UTF-8."""
-        pattern = _LINES_ESCAPED if "\\" in text else _LINES
+        pattern = self._patterns["\\" in text]
         rows: list[tuple[str, ...]] = pattern.findall(text)
         if any(map(itemgetter(_SLOW), rows)):
             for row in rows:
@@ -348,8 +362,8 @@ class _Summer:
                     self.add_line(row[_SLOW])
             rows = [row for row in rows if not row[_SLOW]]
         if self.since or self.until != NO_UPPER_BOUND:
-            since, until = self.since, self.until
-            rows = [row for row in rows if since <= row[_TS] < until]
+            since, until, ts = self.since, self.until, self._ts
+            rows = [row for row in rows if since <= row[ts] < until]
         if not rows:
             return
         if not self.by:

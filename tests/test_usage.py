@@ -454,3 +454,17 @@ async def test_worker_processes_sum_the_same(tmp_path: Path) -> None:
     assert usage_json(path, since="2025-03-02", workers=2, parallel_min_bytes=0) == usage_json(
         path, since="2025-03-02", workers=1
     )
+
+
+async def test_since_and_until_on_fast_lines(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.jsonl"
+    await write_ledger(path, full_entries(63))
+    lines = path.read_bytes().splitlines(keepends=True)
+    inside = tmp_path / "inside.jsonl"
+    inside.write_bytes(
+        b"".join(t for t in lines if b'"ts":"2025-03-02T' in t or b'03T02:00:00.000Z' in t)
+    )
+    # --until is inclusive of the instant given; the hour-05 lines of day 3 stay out.
+    document = usage_json(path, by=BY_ALL, since="2025-03-02", until="2025-03-03T02:00:00Z")
+    assert document == orjson_path(inside, by=BY_ALL)
+    assert document["totals"]["requests"] == 21 + 3
