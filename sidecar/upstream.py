@@ -105,18 +105,8 @@ class Upstream:
                 return await self._session.post(
                     url, data=body, headers=headers, allow_redirects=False
                 )
-        except TimeoutError:
-            raise UpstreamError(
-                f"no response headers within {self._routing.first_byte_timeout_s:g}s"
-            ) from None
-        except aiohttp.ClientConnectorError as exc:
-            raise UpstreamError(
-                f"connect failed: {exc.os_error.strerror or exc.os_error}"
-            ) from None
-        except aiohttp.ServerDisconnectedError:
-            raise UpstreamError("connection closed before response headers") from None
-        except aiohttp.ClientError as exc:
-            raise UpstreamError(f"{type(exc).__name__}: {exc}") from None
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise self._failure(exc) from None
 
     async def send(
         self,
@@ -141,27 +131,26 @@ class Upstream:
                     params=dict(params or {}),
                     allow_redirects=False,
                 )
-        except TimeoutError:
-            raise UpstreamError(
-                f"no response headers within {self._routing.first_byte_timeout_s:g}s"
-            ) from None
-        except aiohttp.ClientConnectorError as exc:
-            raise UpstreamError(
-                f"connect failed: {exc.os_error.strerror or exc.os_error}"
-            ) from None
-        except aiohttp.ServerDisconnectedError:
-            raise UpstreamError("connection closed before response headers") from None
-        except aiohttp.ClientError as exc:
-            raise UpstreamError(f"{type(exc).__name__}: {exc}") from None
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise self._failure(exc) from None
 
     async def get(self, path: str) -> aiohttp.ClientResponse:
         try:
             async with asyncio.timeout(self._routing.first_byte_timeout_s):
                 return await self._session.get(self.url(path), allow_redirects=False)
-        except TimeoutError:
-            raise UpstreamError("no response headers in time") from None
-        except aiohttp.ClientError as exc:
-            raise UpstreamError(f"{type(exc).__name__}: {exc}") from None
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise self._failure(exc) from None
+
+    def _failure(self, exc: BaseException) -> UpstreamError:
+        """A transport failure before response headers, as the reason an attempt records."""
+        if isinstance(exc, TimeoutError):
+            timeout_s = self._routing.first_byte_timeout_s
+            return UpstreamError(f"no response headers within {timeout_s:g}s")
+        if isinstance(exc, aiohttp.ClientConnectorError):
+            return UpstreamError(f"connect failed: {exc.os_error.strerror or exc.os_error}")
+        if isinstance(exc, aiohttp.ServerDisconnectedError):
+            return UpstreamError("connection closed before response headers")
+        return UpstreamError(f"{type(exc).__name__}: {exc}")
 
     async def probe(self) -> bool:
         """An active health probe: ``GET {base_url}/models`` answers 2xx."""

@@ -10,6 +10,7 @@ from typing import Any
 from .. import billing
 from ..billing import Cost, Usage
 from ..cache import CachedAnswer, CacheStats, Decision
+from ..errors import LedgerUnavailable
 from ..metrics import Metrics
 from ..relay import Attempt, Trail
 from ..scope import Scope, Target
@@ -112,6 +113,53 @@ def store_answer(exchange: Exchange, target: Target, body: dict[str, Any]) -> No
 def cache_gauges(metrics: Metrics, stats: CacheStats) -> None:
     metrics.cache_bytes.set(stats.bytes)
     metrics.cache_entries.set(stats.entries)
+
+
+@dataclass(slots=True)
+class StreamTally:
+    """What a stream showed on its way: the usage it reported, or enough to estimate it."""
+
+    usage: Usage | None = None
+    output_chars: int = 0
+
+
+async def record_stream_end(
+    exchange: Exchange, target: Target, attempts: list[Attempt], outcome: str, tally: StreamTally
+) -> None:
+    """A stream's one line: billed when it completed, else unbilled with its usage estimated."""
+    if tally.usage is not None:
+        usage, source = tally.usage, "reported"
+    else:
+        usage = Usage(
+            input_tokens=exchange.input_estimate,
+            output_tokens=-(-tally.output_chars // CHARS_PER_TOKEN),
+        )
+        source = "estimated"
+    cost = billing.cost(usage, target.spec, exchange.runtime.fee_rate)
+    if outcome == "ok":
+        exchange.spent = cost.total
+        await record(exchange, target, attempts, 200, outcome, usage, source, cost)
+    else:
+        await record(
+            exchange,
+            target,
+            attempts,
+            200,
+            outcome,
+            usage,
+            source,
+            billing.ZERO,
+            estimated=cost.total,
+        )
+
+
+def ensure_ledger(runtime: Runtime) -> None:
+    """Model requests are refused rather than served unrecorded."""
+    if not runtime.ledger.available:
+        raise LedgerUnavailable(
+            "The usage ledger cannot be written (disk full or I/O error), so model requests are "
+            "refused rather than served unrecorded; free space at the ledger path and retry."
+        )
 
 
 async def record_unanswered(exchange: Exchange, status: int, outcome: str) -> None:

@@ -14,7 +14,7 @@ from .. import billing, routing, wire
 from ..billing import Usage
 from ..budget import Reservation
 from ..cache import CachedAnswer, directive
-from ..errors import LedgerUnavailable, SidecarError
+from ..errors import SidecarError
 from ..relay import AllAttemptsFailed, Answer, OpenStream
 from ..replay import replay_chunks
 from ..scope import Scope, Target, parse_narrowing
@@ -27,6 +27,7 @@ from .exchange import (
     EMBEDDINGS,
     Exchange,
     Surface,
+    ensure_ledger,
     record,
     record_unanswered,
     store_answer,
@@ -80,11 +81,7 @@ async def _prepare(request: web.Request, surface: Surface, runtime: Runtime) -> 
         sticky=sticky,
         max_providers=settings.routing.max_providers,
     )
-    if not runtime.ledger.available:
-        raise LedgerUnavailable(
-            "The usage ledger cannot be written (disk full or I/O error), so model requests are "
-            "refused rather than served unrecorded; free space at the ledger path and retry."
-        )
+    ensure_ledger(runtime)
     decision = runtime.cache.decide(
         surface.endpoint,
         body,

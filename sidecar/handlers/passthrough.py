@@ -23,14 +23,14 @@ from aiohttp import web
 from .. import billing, routing, wire
 from ..budget import Reservation
 from ..cache import Decision
-from ..errors import InvalidRequest, LedgerUnavailable, RequestTooLarge
+from ..errors import InvalidRequest, RequestTooLarge
 from ..health import parse_retry_after
 from ..relay import FAILOVER_STATUSES, AllAttemptsFailed
 from ..scope import Target, parse_narrowing
 from ..state import Runtime
 from ..upstream import Upstream, UpstreamError
 from .context import request_info
-from .exchange import Exchange, Surface
+from .exchange import Exchange, Surface, ensure_ledger
 
 CHUNK_BYTES = 1 << 16
 NOT_CACHED = Decision(False, False, "not a cached endpoint")
@@ -155,11 +155,7 @@ def prepare(
         sticky=settings.routing.sticky,
         max_providers=settings.routing.max_providers,
     )
-    if not runtime.ledger.available:
-        raise LedgerUnavailable(
-            "The usage ledger cannot be written (disk full or I/O error), so model requests are "
-            "refused rather than served unrecorded; free space at the ledger path and retry."
-        )
+    ensure_ledger(runtime)
     return Exchange(
         surface,
         runtime,

@@ -19,7 +19,7 @@ from ..state import LIVE, Runtime
 from ..upstream import Upstream, UpstreamError
 from ..wire import SSEDecoder
 from . import model, passthrough
-from .exchange import CHARS_PER_TOKEN, Exchange, Surface, record
+from .exchange import BYTES_PER_TOKEN, Exchange, StreamTally, Surface, record_stream_end
 from .media import respond_reply, walk_recorded
 from .passthrough import Reply
 
@@ -103,7 +103,7 @@ async def _stream(
         runtime,
         body,
         wire.model_of(body),
-        max(1, len(orjson.dumps(body)) // CHARS_PER_TOKEN),
+        max(1, len(orjson.dumps(body)) // BYTES_PER_TOKEN),
     )
     exchange.stream = True
     settings = runtime.settings.routing
@@ -152,7 +152,7 @@ async def _forward(request: web.Request, exchange: Exchange, opened: _Opened) ->
     response = web.StreamResponse(headers=exchange.base_headers(target, len(attempts), "bypass"))
     response.content_type = wire.SSE_TYPE
     exchange.info.status = 200
-    tally = _Tally()
+    tally = StreamTally()
     idle = exchange.runtime.settings.routing.idle_timeout_s
     try:
         await response.prepare(request)
@@ -169,7 +169,7 @@ async def _forward(request: web.Request, exchange: Exchange, opened: _Opened) ->
                 attempts[-1].reason = "stream ended without response.completed"
                 break
             if event.get("type") in _FINAL:
-                tally.see(event)
+                _see(tally, event)
                 outcome = "ok"
                 await _record(exchange, target, outcome, tally)
                 await _send_event(response, event, tally, final=True)
@@ -192,26 +192,19 @@ async def _forward(request: web.Request, exchange: Exchange, opened: _Opened) ->
     return response
 
 
-class _Tally:
-    def __init__(self) -> None:
-        self.usage: Usage | None = None
-        self.output_chars = 0
-
-    def see(self, event: dict[str, Any]) -> None:
-        if event.get("type") == "response.output_text.delta" and isinstance(
-            event.get("delta"), str
-        ):
-            self.output_chars += len(event["delta"])
-        inner = event.get("response")
-        if isinstance(inner, dict) and inner.get("usage"):
-            self.usage = billing.usage_from_openai(inner.get("usage"))
+def _see(tally: StreamTally, event: dict[str, Any]) -> None:
+    if event.get("type") == "response.output_text.delta" and isinstance(event.get("delta"), str):
+        tally.output_chars += len(event["delta"])
+    inner = event.get("response")
+    if isinstance(inner, dict) and inner.get("usage"):
+        tally.usage = billing.usage_from_openai(inner.get("usage"))
 
 
 async def _send_event(
-    response: web.StreamResponse, event: dict[str, Any], tally: _Tally, *, final: bool
+    response: web.StreamResponse, event: dict[str, Any], tally: StreamTally, *, final: bool
 ) -> None:
     if not final:
-        tally.see(event)
+        _see(tally, event)
     kind = event.get("type")
     head = f"event: {kind}\n".encode() if isinstance(kind, str) and "\n" not in kind else b""
     await response.write(head + b"data: " + orjson.dumps(event) + b"\n\n")
@@ -227,29 +220,5 @@ def _interrupted() -> bytes:
     return b"event: error\ndata: " + orjson.dumps({**error, "error": error}) + b"\n\n"
 
 
-async def _record(exchange: Exchange, target: Target, outcome: str, tally: _Tally) -> None:
-    if tally.usage is not None:
-        usage, source = tally.usage, "reported"
-    else:
-        usage = Usage(
-            input_tokens=exchange.input_estimate,
-            output_tokens=-(-tally.output_chars // CHARS_PER_TOKEN),
-        )
-        source = "estimated"
-    cost = billing.cost(usage, target.spec, exchange.runtime.fee_rate)
-    attempts = exchange.trail.attempts
-    if outcome == "ok":
-        exchange.spent = cost.total
-        await record(exchange, target, attempts, 200, outcome, usage, source, cost)
-    else:
-        await record(
-            exchange,
-            target,
-            attempts,
-            200,
-            outcome,
-            usage,
-            source,
-            billing.ZERO,
-            estimated=cost.total,
-        )
+async def _record(exchange: Exchange, target: Target, outcome: str, tally: StreamTally) -> None:
+    await record_stream_end(exchange, target, exchange.trail.attempts, outcome, tally)

@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
 from typing import Any
 
 import orjson
 from aiohttp import web
 
 from .. import billing, wire
-from ..billing import Usage
 from ..relay import OpenStream
 from ..replay import StreamAssembler
 from ..upstream import UpstreamError
-from .exchange import CHARS_PER_TOKEN, Exchange, record, store_answer
+from .exchange import Exchange, StreamTally, record_stream_end, store_answer
 
 
 async def relay_stream(
@@ -24,7 +22,7 @@ async def relay_stream(
     target = stream.target
     client_wants_usage = wire.wants_usage(exchange.body)
     assembler = StreamAssembler() if exchange.decision.store and exchange.cache_key else None
-    tally = _StreamTally()
+    tally = StreamTally()
     response = web.StreamResponse(
         headers=exchange.base_headers(target, len(stream.attempts), exchange.cache_header)
     )
@@ -66,17 +64,11 @@ async def relay_stream(
     return response
 
 
-@dataclass(slots=True)
-class _StreamTally:
-    usage: Usage | None = None
-    output_chars: int = 0
-
-
 async def _forward(
     response: web.StreamResponse,
     payload: bytes,
     chunk: dict[str, Any],
-    tally: _StreamTally,
+    tally: StreamTally,
     assembler: StreamAssembler | None,
     client_wants_usage: bool,
 ) -> None:
@@ -103,7 +95,7 @@ async def _finish_stream(
     stream: OpenStream,
     response: web.StreamResponse,
     outcome: str,
-    tally: _StreamTally,
+    tally: StreamTally,
     assembler: StreamAssembler | None,
 ) -> None:
     await _record_stream(exchange, stream, outcome, tally)
@@ -119,33 +111,6 @@ async def _finish_stream(
 
 
 async def _record_stream(
-    exchange: Exchange,
-    stream: OpenStream,
-    outcome: str,
-    tally: _StreamTally,
+    exchange: Exchange, stream: OpenStream, outcome: str, tally: StreamTally
 ) -> None:
-    target = stream.target
-    if tally.usage is not None:
-        usage, source = tally.usage, "reported"
-    else:
-        usage = Usage(
-            input_tokens=exchange.input_estimate,
-            output_tokens=-(-tally.output_chars // CHARS_PER_TOKEN),
-        )
-        source = "estimated"
-    cost = billing.cost(usage, target.spec, exchange.runtime.fee_rate)
-    if outcome == "ok":
-        exchange.spent = cost.total
-        await record(exchange, target, stream.attempts, 200, outcome, usage, source, cost)
-    else:
-        await record(
-            exchange,
-            target,
-            stream.attempts,
-            200,
-            outcome,
-            usage,
-            source,
-            billing.ZERO,
-            estimated=cost.total,
-        )
+    await record_stream_end(exchange, stream.target, stream.attempts, outcome, tally)
