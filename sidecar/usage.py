@@ -15,13 +15,13 @@ import multiprocessing
 import os
 import re
 import sys
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from decimal import Context, Decimal, localcontext
 from itertools import compress, filterfalse
-from operator import itemgetter, not_
+from operator import and_, itemgetter, not_
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -367,8 +367,9 @@ class _Summer:
                     self.add_line(row[_SLOW])
             rows = [row for row in rows if not row[_SLOW]]
         if self.since or self.until != NO_UPPER_BOUND:
-            since, until, ts = self.since, self.until, self._ts
-            rows = [row for row in rows if since <= row[ts] < until]
+            stamps = list(map(itemgetter(self._ts), rows))
+            inside = map(and_, map(self.since.__le__, stamps), map(self.until.__gt__, stamps))
+            rows = list(compress(rows, inside))
         if not rows:
             return
         if not self.by:
@@ -381,8 +382,8 @@ class _Summer:
         key = self._key
         assert key is not None
         parts: defaultdict[Any, list[tuple[str, ...]]] = defaultdict(list)
-        for row in rows:
-            parts[key(row)].append(row)
+        # parts[key(row)].append(row) for each row, run by C-level iterators.
+        deque(map(list.append, map(parts.__getitem__, map(key, rows)), rows), maxlen=0)
         return {(k,): v for k, v in parts.items()} if self._single else parts
 
     def add_segment(self, segment: Segment) -> None:
