@@ -467,6 +467,13 @@ def _sum_segments(
     return summer.groups
 
 
+def _usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def sum_ledger(
     path: Path,
     *,
@@ -484,7 +491,7 @@ def sum_ledger(
     files = ledger_files(path)
     segments = [(file, 0, file.stat().st_size) for file in files]
     size = sum(s[2] for s in segments)
-    count = workers if workers is not None else len(os.sched_getaffinity(0))
+    count = workers if workers is not None else _usable_cpus()
     if count > 1 and size >= parallel_min_bytes and size > 0:
         plan = split_segments(files, count)
         with multiprocessing.get_context("fork").Pool(len(plan)) as pool:
