@@ -36,49 +36,42 @@ class _HeadDeadline(RequestHandler):
 
     aiohttp has no header-read timeout, so a client dribbling header bytes (slowloris) could hold
     a connection forever. The clock starts when the connection opens and again when the first
-    byte of a later request arrives; it stops once aiohttp has parsed a whole head.
+    byte of a later request arrives; it stops once aiohttp has parsed a whole head. The server
+    sweeps its connections now and then instead of keeping a timer per request.
     """
 
-    def __init__(self, manager: web.Server, *, header_timeout_s: float, **kwargs: Any) -> None:
+    def __init__(self, manager: _HeadDeadlineServer, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
-        self._header_timeout_s = header_timeout_s
-        self._head_deadline: asyncio.TimerHandle | None = None
+        self._deadlines = manager
+        self.head_since: float | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        self._arm()
+        self.head_since = self._loop.time()
+        self._deadlines.watch(self)
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
         if self._serving():
-            self._disarm()
-        elif self._head_deadline is None:
-            self._arm()
+            self.head_since = None
+        elif self.head_since is None:
+            self.head_since = self._loop.time()
 
     def connection_lost(self, exc: BaseException | None) -> None:
-        self._disarm()
+        self._deadlines.forget(self)
         super().connection_lost(exc)
 
     def _serving(self) -> bool:
         # A parsed head waits in the queue, or its request is being handled (body included).
         return bool(self._messages) or self._request_in_progress
 
-    def _arm(self) -> None:
-        self._head_deadline = self._loop.call_later(self._header_timeout_s, self._expire)
-
-    def _disarm(self) -> None:
-        if self._head_deadline is not None:
-            self._head_deadline.cancel()
-            self._head_deadline = None
-
-    def _expire(self) -> None:
-        self._head_deadline = None
+    def expire(self, header_timeout_s: float) -> None:
         if self._serving() or self.transport is None:
             return
         get_logger().warning(
             "connection closed: request head not received in time",
             peer=str(self.peername),
-            header_timeout_s=self._header_timeout_s,
+            header_timeout_s=header_timeout_s,
         )
         self.force_close()
         self.transport.close()
@@ -94,11 +87,32 @@ class _HeadDeadlineServer(web.Server):
             **base._kwargs,
         )
         self._header_timeout_s = header_timeout_s
+        self._watched: set[_HeadDeadline] = set()
+        self._sweeper: asyncio.TimerHandle | None = None
 
     def __call__(self) -> RequestHandler:
-        return _HeadDeadline(
-            self, header_timeout_s=self._header_timeout_s, loop=self._loop, **self._kwargs
-        )
+        return _HeadDeadline(self, loop=self._loop, **self._kwargs)
+
+    def watch(self, handler: _HeadDeadline) -> None:
+        self._watched.add(handler)
+        if self._sweeper is None:
+            self._schedule()
+
+    def forget(self, handler: _HeadDeadline) -> None:
+        self._watched.discard(handler)
+
+    def _schedule(self) -> None:
+        # Sweeping four times per timeout closes a slow head within 1.25x the timeout.
+        self._sweeper = self._loop.call_later(self._header_timeout_s / 4, self._sweep)
+
+    def _sweep(self) -> None:
+        self._sweeper = None
+        cutoff = self._loop.time() - self._header_timeout_s
+        for handler in [h for h in self._watched if h.head_since is not None]:
+            if handler.head_since is not None and handler.head_since <= cutoff:
+                handler.expire(self._header_timeout_s)
+        if self._watched:
+            self._schedule()
 
 
 class DaemonRunner(web.AppRunner):
