@@ -5,9 +5,8 @@ newline included. Handlers call ``append()``; it returns once the line is writte
 fsynced under ``fsync = "always"``), so a handler that awaits it before sending the last byte
 never delivers an unrecorded answer, even under SIGKILL.
 
-Lines queued while a write or fsync runs go out together in the next write (group commit). Every
-fsync and rename runs in a worker thread, never on the event loop; a plain append (a copy into
-the page cache) runs inline. A write or fsync
+Lines queued while a write or fsync runs go out together in the next write (group commit), and
+every write, fsync and rename runs in a worker thread, never on the event loop. A write or fsync
 error makes the ledger unavailable (handlers answer 503 ``ledger_unavailable``) until the file
 can be written again: the writer reopens it, repairs its tail and probes the disk every
 ``retry_s``.
@@ -288,10 +287,7 @@ class Ledger:
         loop = asyncio.get_running_loop()
         started = loop.time()
         try:
-            if self._blocking(lines):
-                await asyncio.to_thread(self._write_sync, lines)
-            else:
-                self._write_sync(lines)
+            await asyncio.to_thread(self._write_sync, lines)
         except _WriteFailed as failed:
             self._fail(failed.cause)
             self._resolve(batch, failed.written)
@@ -300,17 +296,6 @@ class Ledger:
         if self._observe is not None:
             self._observe(loop.time() - started)
         self._resolve(batch, len(batch))
-
-    def _blocking(self, lines: list[bytes]) -> bool:
-        """Whether this write can wait on the disk: an fsync or a rotation (rename, dir fsync).
-
-        Appending a few lines is a copy into the page cache that does not wait on the disk, so it
-        runs inline; a thread hop would cost more than the write and add its latency to every
-        request that is waiting for its line.
-        """
-        if self._config.fsync == "always":
-            return True
-        return self._size + sum(len(line) for line in lines) > self._config.rotate_bytes
 
     def _chain(self, batch: list[_Item]) -> tuple[list[bytes], str]:
         head = self._last_hash
