@@ -205,7 +205,7 @@ listen = "127.0.0.1:{port}"
 
 [log]
 format = "json"
-level = "warning"
+level = "info"
 
 [account]
 plan = "enterprise"
