@@ -93,7 +93,7 @@ class Answer:
         return self.status >= 400
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class OpenStream:
     """A stream past its commit point: held events to send first, then ``next_payload()``."""
 
@@ -105,6 +105,9 @@ class OpenStream:
     decoder: SSEDecoder
     pending: deque[bytes | None] = field(default_factory=deque)
     done: bool = False
+    touched: float = field(default_factory=time.monotonic)
+    timed_out: bool = False
+    watch: IdleWatch | None = None
 
     async def next_payload(self) -> bytes | None:
         """The next event's data (``b"[DONE]"`` included); None at a clean end of the body.
@@ -116,36 +119,73 @@ class OpenStream:
                 payload = self.pending.popleft()
                 if payload is not None:  # comments and keep-alives carry no data
                     return payload
-            data = await _read_some(
-                self.response,
-                self.idle_timeout_s,
-                f"no data between chunks within {self.idle_timeout_s:g}s",
-            )
+            try:
+                data = await self.response.content.readany()
+            except (aiohttp.ClientError, ConnectionError) as exc:
+                raise UpstreamError(self._cut_reason(exc)) from None
             if not data:
+                if self.timed_out:
+                    raise UpstreamError(self._cut_reason(None))
                 if self.decoder.pending.strip():
                     raise UpstreamError("stream ended inside an event")
                 return None
+            self.touched = time.monotonic()
             self.pending.extend(self.decoder.feed(data))
             if len(self.decoder.pending) > MAX_EVENT_BYTES:
                 raise UpstreamError("stream event too large (not SSE?)")
 
+    def _cut_reason(self, exc: BaseException | None) -> str:
+        if self.timed_out:
+            return f"no data between chunks within {self.idle_timeout_s:g}s"
+        return f"stream cut: {type(exc).__name__}"
+
     def close(self) -> None:
         """Drop the upstream connection at once (stops generation; never returned to the pool)."""
+        if self.watch is not None:
+            self.watch.forget(self)
         self.response.close()
+
+
+class IdleWatch:
+    """Cuts streams whose upstream sent nothing for ``idle_timeout_s``.
+
+    One sweep a quarter of the timeout apart serves every open stream, where a timer per chunk
+    would cost a timer handle for each of thousands of chunks a second. A stream goes quiet for
+    at most 1.25 times the timeout before it is cut.
+    """
+
+    def __init__(self, idle_timeout_s: float) -> None:
+        self._idle_timeout_s = idle_timeout_s
+        self._streams: set[OpenStream] = set()
+        self._sweeper: asyncio.TimerHandle | None = None
+
+    def watch(self, stream: OpenStream) -> None:
+        stream.watch = self
+        stream.touched = time.monotonic()
+        self._streams.add(stream)
+        if self._sweeper is None:
+            self._schedule()
+
+    def forget(self, stream: OpenStream) -> None:
+        self._streams.discard(stream)
+
+    def _schedule(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._sweeper = loop.call_later(self._idle_timeout_s / 4, self._sweep)
+
+    def _sweep(self) -> None:
+        self._sweeper = None
+        cutoff = time.monotonic() - self._idle_timeout_s
+        for stream in [s for s in self._streams if s.touched <= cutoff]:
+            stream.timed_out = True
+            self._streams.discard(stream)
+            stream.response.close()
+        if self._streams:
+            self._schedule()
 
 
 def _elapsed_ms(started: float) -> int:
     return int((time.monotonic() - started) * 1000)
-
-
-async def _read_some(response: aiohttp.ClientResponse, timeout_s: float, timed_out: str) -> bytes:
-    try:
-        async with asyncio.timeout(timeout_s):
-            return await response.content.readany()
-    except TimeoutError:
-        raise UpstreamError(timed_out) from None
-    except (aiohttp.ClientError, ConnectionError) as exc:
-        raise UpstreamError(f"stream cut: {type(exc).__name__}") from None
 
 
 def upstream_body(body: Mapping[str, Any], target: Target, *, stream: bool) -> bytes:
@@ -197,6 +237,7 @@ class Relay:
         self._health = health
         self._first_token_timeout_s = first_token_timeout_s
         self._idle_timeout_s = idle_timeout_s
+        self._idle_watch = IdleWatch(idle_timeout_s)
         self._wall = wall
 
     async def call(
@@ -295,30 +336,15 @@ class Relay:
             return None
         decoder = SSEDecoder()
         stream = OpenStream(target, response, [], trail.attempts, self._idle_timeout_s, decoder)
-        deadline = time.monotonic() + self._first_token_timeout_s
-        no_content = f"no content within {self._first_token_timeout_s:g}s"
         try:
-            while True:
-                if not stream.pending:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        raise UpstreamError(no_content)
-                    data = await _read_some(response, remaining, no_content)
-                    if not data:
-                        raise UpstreamError("stream ended before any content")
-                    stream.pending.extend(decoder.feed(data))
-                    if len(decoder.pending) > MAX_EVENT_BYTES:
-                        raise UpstreamError("stream is not SSE")
-                    continue
-                payload = stream.pending.popleft()
-                if payload is None:
-                    continue
-                chunk = _chunk_before_content(payload)
-                stream.held.append((payload, chunk))
-                if has_content(chunk):
-                    trail.end(response.status, "ok")
-                    self._health.record_success(target.provider)
-                    return stream
+            # One deadline for the whole phase before content, not one timer per read.
+            async with asyncio.timeout(self._first_token_timeout_s):
+                await self._hold_until_content(stream)
+        except TimeoutError:
+            response.close()
+            reason = f"no content within {self._first_token_timeout_s:g}s"
+            self._fail(trail, response.status, reason)
+            return None
         except UpstreamError as exc:
             response.close()
             self._fail(trail, response.status, exc.reason)
@@ -326,6 +352,32 @@ class Relay:
         except asyncio.CancelledError:
             response.close()  # the client went away: stop the upstream generating at once
             raise
+        trail.end(response.status, "ok")
+        self._health.record_success(target.provider)
+        self._idle_watch.watch(stream)
+        return stream
+
+    async def _hold_until_content(self, stream: OpenStream) -> None:
+        """Read and hold role-only and empty chunks until one carries content."""
+        while True:
+            if not stream.pending:
+                try:
+                    data = await stream.response.content.readany()
+                except (aiohttp.ClientError, ConnectionError) as exc:
+                    raise UpstreamError(f"stream cut: {type(exc).__name__}") from None
+                if not data:
+                    raise UpstreamError("stream ended before any content")
+                stream.pending.extend(stream.decoder.feed(data))
+                if len(stream.decoder.pending) > MAX_EVENT_BYTES:
+                    raise UpstreamError("stream is not SSE")
+                continue
+            payload = stream.pending.popleft()
+            if payload is None:
+                continue
+            chunk = _chunk_before_content(payload)
+            stream.held.append((payload, chunk))
+            if has_content(chunk):
+                return
 
     def _fail(
         self, trail: Trail, status: int | None, reason: str, retry_after_s: float | None = None
