@@ -6,6 +6,7 @@ import asyncio
 import json
 import signal
 import socket
+import stat
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -195,3 +196,23 @@ async def test_socket_activation_serves_on_the_inherited_listening_socket(
     assert len(fake.requests) == 1
     with pytest.raises(OSError), socket.create_connection(("127.0.0.1", port), timeout=2):
         pass
+
+
+@pytest.mark.slow
+async def test_serves_on_a_unix_socket_readable_by_owner_and_group(tmp_path, fake_upstream):
+    fake = await fake_upstream()
+    sock = tmp_path / "sidecar.sock"
+    config_path = write_config(
+        tmp_path / "config.toml",
+        [provider("alpha", fake.url)],
+        server={"listen": f"unix:{sock}", "allowed_hosts": ["localhost"]},
+    )
+    async with running(config_path, env={"ALPHA_KEY": "sk-alpha-key-unix-0000"}) as daemon:
+        assert daemon.address == f"unix:{sock}"
+        assert stat.S_IMODE(sock.stat().st_mode) == 0o660
+        connector = aiohttp.UnixConnector(path=str(sock))
+        async with aiohttp.ClientSession(connector=connector) as session:
+            async with session.post("http://localhost/v1/chat/completions", json=chat()) as r:
+                assert r.status == 200
+                assert r.headers["X-TokenHub-Provider"] == "alpha"
+    assert len(fake.requests) == 1
