@@ -176,6 +176,8 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     info = new_request_info(request, request.app[REQUEST_IDS])
     runtime = request.app[LIVE].current
     response: web.StreamResponse | None = None
+    in_flight = request.app[METRICS].in_flight
+    in_flight.inc()
     try:
         if request.path not in OPEN_PATHS:
             server = runtime.settings.server
@@ -206,6 +208,7 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
         response = _error_response(_internal_error(), runtime.redactor)
         return response
     finally:
+        in_flight.dec()
         _log_line(request, response)
 
 
@@ -312,7 +315,11 @@ def create_app(
     app[SETTINGS] = settings
     metrics = Metrics()
     app[METRICS] = metrics
-    app[LEDGER] = ledger or Ledger(settings.ledger, observe=metrics.ledger_write_seconds.observe)
+    app[LEDGER] = ledger or Ledger(
+        settings.ledger,
+        observe=metrics.ledger_write_seconds.observe,
+        on_failure=metrics.ledger_errors.inc,
+    )
     app[BUDGET] = Budget(settings.budget)
     app[BACKGROUND] = set()
     app[LIVE] = Live()

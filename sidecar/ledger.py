@@ -168,6 +168,7 @@ class Ledger:
         fsync: Callable[[int], None] = os.fsync,
         retry_s: float = 1.0,
         observe: Callable[[float], None] | None = None,
+        on_failure: Callable[[], None] | None = None,
     ) -> None:
         self._config = config
         self._path = config.path
@@ -177,6 +178,7 @@ class Ledger:
         self._fsync = fsync
         self._retry_s = retry_s
         self._observe = observe
+        self._on_failure = on_failure
         self._queue: asyncio.Queue[_Item | None] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
@@ -321,6 +323,8 @@ class Ledger:
                 )
 
     def _fail(self, exc: OSError) -> None:
+        if self._on_failure is not None:
+            self._on_failure()
         if self._available:
             self._log.error("ledger_unavailable", path=str(self._path), error=str(exc))
         self._available = False

@@ -141,6 +141,14 @@ class Metrics:
                 child = self._spend_children[key] = self.spend_usd.labels(provider, model)
             child.inc(float(total_usd))
 
+    def observe_attempt(
+        self, provider: str, outcome: str, seconds: float, *, stream: bool
+    ) -> None:
+        """One upstream attempt; a successful one's time feeds the latency or TTFT histogram."""
+        self.attempts.labels(provider, outcome).inc()
+        if outcome == "ok":
+            (self.ttft if stream else self.upstream_latency).labels(provider).observe(seconds)
+
     def count_cache(self, result: str) -> None:
         child = self._cache_children.get(result)
         if child is None:

@@ -73,6 +73,8 @@ async def make_ledger(tmp_path: Path) -> AsyncIterator[Callable[..., Ledger]]:
     def make(**config: Any) -> Ledger:
         seams: Seams | None = config.pop("seams", None)
         kwargs: dict[str, Any] = {"clock": fixed_clock, "retry_s": 0.01}
+        if "on_failure" in config:
+            kwargs["on_failure"] = config.pop("on_failure")
         if seams is not None:
             kwargs.update(write=seams.write, fsync=seams.fsync)
         settings = LedgerConfig(path=tmp_path / "ledger.jsonl", **config)
@@ -206,7 +208,8 @@ async def test_rotation_continues_the_chain(make_ledger: Callable[..., Ledger]) 
 
 async def test_disk_full_refuses_then_recovers(make_ledger: Callable[..., Ledger]) -> None:
     seams = Seams()
-    ledger = make_ledger(seams=seams)
+    failures: list[int] = []
+    ledger = make_ledger(seams=seams, on_failure=lambda: failures.append(1))
     await ledger.open()
     await ledger.append(record(1))
     before = ledger.path.read_bytes()
@@ -215,6 +218,7 @@ async def test_disk_full_refuses_then_recovers(make_ledger: Callable[..., Ledger
     with pytest.raises(LedgerUnavailable):
         await ledger.append(record(2))
     assert not ledger.available
+    assert failures, "the failure is reported (to the ledger error metric)"
     assert ledger.path.read_bytes() == before  # the partial line was cut off again
     with pytest.raises(LedgerUnavailable):
         await ledger.append(record(3))

@@ -119,3 +119,36 @@ async def test_render_serves_over_aiohttp(aiohttp_client: AiohttpClient) -> None
     assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
     text = await response.text()
     assert 'tokenhub_requests_total{endpoint="/v1/embeddings",model="e",' in text
+
+
+async def test_attempts_failovers_latency_and_in_flight_reach_metrics(
+    start_sidecar, make_settings, fake_upstream
+):
+    from tests.conftest import provider
+    from tests.fakes import status
+
+    broken, healthy = await fake_upstream(), await fake_upstream()
+    broken.default = status(503)
+    settings = make_settings(
+        [provider("alpha", broken.url), provider("beta", healthy.url)],
+        routing={"sticky": False},
+    )
+    sidecar = await start_sidecar(settings)
+    client = sidecar.client()
+    await client.chat.completions.create(
+        model="deepseek-v3.2", messages=[{"role": "user", "content": "Hi"}]
+    )
+    stream = await client.chat.completions.create(
+        model="deepseek-v3.2", messages=[{"role": "user", "content": "Hi"}], stream=True
+    )
+    async for _ in stream:
+        pass
+    body, _ = sidecar.runtime.metrics.render()
+    text = body.decode()
+    # alpha answers 503 to both (one failure does not eject it), beta serves both.
+    assert 'tokenhub_upstream_attempts_total{outcome="http_503",provider="alpha"} 2.0' in text
+    assert 'tokenhub_upstream_attempts_total{outcome="ok",provider="beta"} 2.0' in text
+    assert "tokenhub_failovers_total 2.0" in text
+    assert 'tokenhub_upstream_latency_seconds_count{provider="beta"} 1.0' in text
+    assert 'tokenhub_time_to_first_token_seconds_count{provider="beta"} 1.0' in text
+    assert "tokenhub_requests_in_flight 0.0" in text

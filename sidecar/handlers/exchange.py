@@ -214,6 +214,36 @@ async def record(
     if estimated is not None and outcome != "ok":
         record["estimated_usd"] = billing.usd(estimated)
     await runtime.ledger.append(record)
+    _observe_attempts(runtime, attempts, stream=exchange.stream)
     runtime.metrics.add_spend(target.provider, target.model, cost.total)
     if saved:
         runtime.metrics.add_saved(target.model, saved)
+
+
+def attempt_outcome(attempt: Attempt) -> str:
+    """A bounded label for an attempt's outcome (its reason is free text)."""
+    reason = attempt.reason
+    if reason == "ok":
+        return "ok"
+    if reason == "passed back":
+        return "passed_back"
+    if reason == "client cancelled":
+        return "client_cancelled"
+    if attempt.status is not None and attempt.status >= 400:
+        return f"http_{attempt.status}"
+    if reason.startswith("connect"):
+        return "connect_error"
+    if reason.startswith("no "):
+        return "timeout"
+    if "cut" in reason or "closed" in reason:
+        return "cut"
+    return "invalid_response"
+
+
+def _observe_attempts(runtime: Runtime, attempts: list[Attempt], *, stream: bool) -> None:
+    metrics = runtime.metrics
+    for attempt in attempts:
+        outcome = attempt_outcome(attempt)
+        metrics.observe_attempt(attempt.provider, outcome, attempt.ms / 1000, stream=stream)
+    if len(attempts) > 1:
+        metrics.failovers.inc(len(attempts) - 1)
