@@ -3,7 +3,7 @@
 #   docker build -t tokenhub-sidecar .
 #   docker run --rm --read-only -p 127.0.0.1:8700:8700 tokenhub-sidecar demo --listen 0.0.0.0:8700
 # Real use: mount the config at /etc/tokenhub-sidecar/config.toml, keys as secret files,
-# and a volume at /var/lib/tokenhub-sidecar for the ledger (see deploy/ and docs/operations.md).
+# and a volume at /var/lib/tokenhub-sidecar for the ledger (see deploy/ and README.md).
 
 ARG PYTHON_IMAGE=python:3.12-slim-bookworm
 
