@@ -209,6 +209,8 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
         return response
     finally:
         in_flight.dec()
+        if response is not None and not response.prepared:
+            response.headers.setdefault("X-Request-Id", info.request_id)
         _log_line(request, response)
 
 
@@ -288,17 +290,6 @@ def _log_line(request: web.Request, response: web.StreamResponse | None) -> None
     )
 
 
-async def _stamp_headers(request: web.Request, response: web.StreamResponse) -> None:
-    info = request.get(INFO)
-    if info is None:
-        return
-    response.headers["X-Request-Id"] = info.request_id
-    if info.status is None:
-        info.status = response.status
-    if response.status < 400 and request.path.startswith("/v1/"):
-        response.headers.update(request.app[LIVE].current.bucket.headers())
-
-
 async def _flush_request_log(app: web.Application) -> None:
     app[REQUEST_LOG].flush()
 
@@ -329,7 +320,6 @@ def create_app(
     )
     app.on_cleanup.append(_flush_request_log)
     app.cleanup_ctx.extend([_ledger_ctx, _runtime_ctx, _prober_ctx])
-    app.on_response_prepare.append(_stamp_headers)
     app.router.add_routes(
         [
             web.post("/v1/chat/completions", partial(model.handle, surface=model.CHAT)),

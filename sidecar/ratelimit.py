@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from collections import deque
 from collections.abc import Callable
 from types import TracebackType
 
@@ -106,15 +107,15 @@ class ConcurrencyCap:
     Waiting instead of refusing is deliberate: a 429 would read as "the plan's RPM is spent"
     and a 5xx would make the OpenAI SDK retry, adding load exactly when there is too much. The
     client's own timeout bounds the wait, and a cancelled waiter leaves the queue cleanly.
+    Below the limit, entering is a counter increment: no lock, no future.
     """
 
     def __init__(self, limit: int) -> None:
         if limit <= 0:
             raise ValueError("limit must be positive")
         self._limit = limit
-        self._semaphore = asyncio.Semaphore(limit)
-        self._waiting = 0
         self._in_flight = 0
+        self._waiters: deque[asyncio.Future[None]] = deque()
 
     @property
     def limit(self) -> int:
@@ -126,15 +127,22 @@ class ConcurrencyCap:
 
     @property
     def waiting(self) -> int:
-        return self._waiting
+        return sum(1 for waiter in self._waiters if not waiter.done())
 
     async def __aenter__(self) -> None:
-        self._waiting += 1
+        if self._in_flight < self._limit and not self._waiters:
+            self._in_flight += 1
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
         try:
-            await self._semaphore.acquire()
-        finally:
-            self._waiting -= 1
-        self._in_flight += 1
+            await waiter  # a leaving request hands its slot over; in_flight stays counted
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self._release()  # handed a slot in the same instant: pass it on
+            else:
+                self._waiters.remove(waiter)
+            raise
 
     async def __aexit__(
         self,
@@ -142,5 +150,12 @@ class ConcurrencyCap:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        self._release()
+
+    def _release(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
         self._in_flight -= 1
-        self._semaphore.release()

@@ -61,12 +61,13 @@ class Exchange:
         self.info.provider = target.provider
         self.info.model = target.model
         self.info.attempts = attempts
-        return {
-            "X-TokenHub-Provider": target.provider,
-            "X-TokenHub-Attempts": str(attempts),
-            "X-TokenHub-Cache": cache,
-            "X-TokenHub-Route": route_reason(self, target, attempts),
-        }
+        headers = self.runtime.bucket.headers()
+        headers["X-Request-Id"] = self.info.request_id
+        headers["X-TokenHub-Provider"] = target.provider
+        headers["X-TokenHub-Attempts"] = str(attempts)
+        headers["X-TokenHub-Cache"] = cache
+        headers["X-TokenHub-Route"] = route_reason(self, target, attempts)
+        return headers
 
     @property
     def cache_header(self) -> str:

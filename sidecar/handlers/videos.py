@@ -249,7 +249,11 @@ async def video_content(request: web.Request) -> web.StreamResponse:
     trail.end(answer.status, "ok" if answer.status < 400 else "passed back")
     response = web.StreamResponse(
         status=answer.status,
-        headers={"X-TokenHub-Provider": job.provider, "X-TokenHub-Cache": "bypass"},
+        headers={
+            "X-Request-Id": exchange.info.request_id,
+            "X-TokenHub-Provider": job.provider,
+            "X-TokenHub-Cache": "bypass",
+        },
     )
     response.content_type = answer.headers.get("Content-Type", "application/octet-stream")
     if answer.content_length is not None:
