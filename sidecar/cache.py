@@ -170,6 +170,9 @@ def _size_of(entry: _Entry) -> int:
     return entry.size
 
 
+CACHE_OFF = Decision(False, False, "cache off")
+
+
 class ResponseCache:
     """The response cache: policy (``decide``), key, and a byte-bounded LRU with a TTL."""
 
@@ -197,7 +200,7 @@ class ResponseCache:
 
     def decide(self, endpoint: str, body: Mapping[str, Any], directive: Directive) -> Decision:
         if self._config.mode == "off":
-            return Decision(False, False, "cache off")
+            return CACHE_OFF
         if directive == "no-store":
             return Decision(False, False, "no-store")
         why_not = self._not_cacheable(endpoint, body)

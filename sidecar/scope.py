@@ -67,7 +67,13 @@ class Scope:
     key: str
 
     def allows(self, provider: str, model: str) -> bool:
-        return any(t.provider == provider and t.model == model for t in self.targets)
+        for target in self.targets:
+            if target.provider == provider and target.model == model:
+                return True
+        return False
+
+
+NO_NARROWING = Narrowing()
 
 
 def _split(value: str | None) -> tuple[str, ...] | None:
@@ -121,6 +127,8 @@ def _model_bound(model: str, prefs: PreferencesConfig) -> str | None:
 
 def parse_narrowing(regions: str | None, providers: str | None, settings: Settings) -> Narrowing:
     """Parse the narrowing headers; they may only narrow [preferences], never widen them."""
+    if regions is None and providers is None:
+        return NO_NARROWING
     narrowing = Narrowing(regions=_split(regions), providers=_split(providers))
     prefs = settings.preferences
     for name in narrowing.providers or ():
