@@ -55,6 +55,9 @@ EMBED_PRICES = {"alpha": "0.02", "beta": "0.03", "gamma": "0.05", "delta": "0.01
 KILL_GRACE_S = 2.0
 FD_SLACK = 6
 RSS_GROWTH_BOUND = 30 * 1024 * 1024
+# The response cache may hold this much by design; it is kept well inside the RSS bound so that
+# growth past the bound means a leak, not a cache doing its job.
+CACHE_MAX_BYTES = 4 * 1024 * 1024
 SIDECAR_REJECTIONS = {400, 401, 403, 404, 413, 429, 503}
 
 
@@ -99,6 +102,7 @@ idle_timeout_s = 2
 [cache]
 mode = "deterministic"
 ttl_s = {ttl_s}
+max_bytes = {CACHE_MAX_BYTES}
 [ledger]
 path = "{path.parent / "ledger.jsonl"}"
 fsync = "interval"
