@@ -157,19 +157,7 @@ def cmd_verify(ledger: Path, out: TextIO, err: TextIO | None = None) -> int:
 class Totals:
     """Running sums for one group (or all lines)."""
 
-    __slots__ = (
-        "requests",
-        "billable_requests",
-        "failures",
-        "input_tokens",
-        "output_tokens",
-        "cached_tokens",
-        "model_fee_usd",
-        "service_fee_usd",
-        "total_usd",
-        "saved_usd",
-        "unbilled_estimated_usd",
-    )
+    __slots__ = TOTAL_FIELDS
 
     def __init__(self) -> None:
         self.requests = 0

@@ -84,6 +84,11 @@ def max_tokens_of(body: Mapping[str, Any]) -> int | None:
     return None
 
 
+def mime_type(content_type: str) -> str:
+    """The media type of a Content-Type header, parameters dropped (JSON when absent)."""
+    return content_type.split(";", 1)[0].strip() or JSON_TYPE
+
+
 def error_body(message: str, *, type: str, code: str, param: str | None = None) -> bytes:
     return orjson.dumps({"error": {"message": message, "type": type, "param": param, "code": code}})
 

@@ -220,12 +220,8 @@ async def _respond_answer(exchange: Exchange, answer: Answer) -> web.Response:
         status=answer.status,
         body=answer.raw,
         headers=headers,
-        content_type=_mime(answer.content_type),
+        content_type=wire.mime_type(answer.content_type),
     )
-
-
-def _mime(content_type: str) -> str:
-    return content_type.split(";", 1)[0].strip() or wire.JSON_TYPE
 
 
 async def _serve_hit(

@@ -19,7 +19,7 @@ from urllib.parse import quote
 import aiohttp
 from aiohttp import web
 
-from .. import billing
+from .. import billing, wire
 from ..billing import Usage
 from ..config import ModelConfig
 from ..errors import NotFound, UpstreamFailed
@@ -181,12 +181,8 @@ async def _created(request: web.Request, exchange: Exchange, reply: Reply) -> we
         status=reply.status,
         body=reply.raw,
         headers=headers,
-        content_type=_mime(reply.content_type),
+        content_type=wire.mime_type(reply.content_type),
     )
-
-
-def _mime(content_type: str) -> str:
-    return content_type.split(";", 1)[0].strip() or "application/json"
 
 
 def _job_of(request: web.Request) -> Job:
@@ -223,7 +219,7 @@ async def retrieve_video(request: web.Request) -> web.StreamResponse:
         status=reply.status,
         body=reply.raw,
         headers=headers,
-        content_type=_mime(reply.content_type),
+        content_type=wire.mime_type(reply.content_type),
     )
 
 
