@@ -287,20 +287,34 @@ class ResponseCache:
 
     def put(self, key: str, answer: CachedAnswer) -> None:
         """Store ``answer``; one larger than ``max_bytes`` is not stored at all."""
-        raw = orjson.dumps(answer.body)
-        size = _entry_size(raw, answer.provider, answer.region, answer.model, answer.upstream_model)
+        self.store(
+            key,
+            answer.endpoint,
+            answer.body,
+            provider=answer.provider,
+            region=answer.region,
+            model=answer.model,
+            upstream_model=answer.upstream_model,
+        )
+
+    def store(
+        self,
+        key: str,
+        endpoint: str,
+        body: Mapping[str, Any],
+        *,
+        provider: str,
+        region: str,
+        model: str,
+        upstream_model: str,
+    ) -> None:
+        """Like ``put`` for a body not yet wrapped: it is serialized once, here."""
+        raw = orjson.dumps(body)
+        size = _entry_size(raw, provider, region, model, upstream_model)
         if size > self._config.max_bytes:
             self._counters.rejected += 1
             return
-        self._entries[key] = _Entry(
-            answer.endpoint,
-            raw,
-            answer.provider,
-            answer.region,
-            answer.model,
-            answer.upstream_model,
-            size,
-        )
+        self._entries[key] = _Entry(endpoint, raw, provider, region, model, upstream_model, size)
         self._counters.stores += 1
 
 

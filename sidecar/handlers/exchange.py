@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
-from .. import billing
+from .. import billing, routing
 from ..billing import Cost, Usage
-from ..cache import CachedAnswer, CacheStats, Decision
+from ..cache import CacheStats, Decision
 from ..errors import LedgerUnavailable
 from ..metrics import Metrics
 from ..relay import Attempt, Trail
@@ -80,7 +80,7 @@ def route_reason(exchange: Exchange, target: Target, attempts: int) -> str:
         why = f"pinned by {exchange.requested}"
     elif scope.preferred:
         why = "first healthy in X-TokenHub-Providers order"
-    elif exchange.runtime.settings.routing.sticky and len({t.provider for t in scope.targets}) > 1:
+    elif routing.needs_affinity(scope, sticky=exchange.runtime.settings.routing.sticky):
         why = "sticky choice for the affinity key among healthy providers"
     else:
         why = "first healthy provider in config order"
@@ -94,16 +94,14 @@ def store_answer(exchange: Exchange, target: Target, body: dict[str, Any]) -> No
     if exchange.cache_key is None or not exchange.decision.store or not cache.storable(body):
         return
     evicted = cache.stats.evictions
-    cache.put(
+    cache.store(
         exchange.cache_key,
-        CachedAnswer.build(
-            exchange.surface.endpoint,
-            body,
-            provider=target.provider,
-            region=target.region,
-            model=target.model,
-            upstream_model=target.upstream_model,
-        ),
+        exchange.surface.endpoint,
+        body,
+        provider=target.provider,
+        region=target.region,
+        model=target.model,
+        upstream_model=target.upstream_model,
     )
     stats = cache.stats
     metrics = exchange.runtime.metrics
