@@ -118,3 +118,28 @@ async def fake_upstream() -> AsyncIterator[Callable[..., Awaitable[FakeUpstream]
     yield start
     for fake in fakes:
         await fake.close()
+
+
+Pair = tuple[FakeUpstream, FakeUpstream, RunningSidecar]
+
+
+@pytest.fixture
+def eu_and_us(
+    fake_upstream: Callable[..., Awaitable[FakeUpstream]],
+    make_settings: Callable[..., Settings],
+    start_sidecar: Callable[[Settings], Awaitable[RunningSidecar]],
+) -> Callable[[dict[str, Any]], Awaitable[Pair]]:
+    """Two fake providers (alpha in eu, beta in us) serving ``models``, config order, no sticky."""
+
+    async def start(models: dict[str, Any]) -> Pair:
+        alpha, beta = await fake_upstream(), await fake_upstream()
+        settings = make_settings(
+            [
+                provider("alpha", alpha.url, "eu", models=models),
+                provider("beta", beta.url, "us", models=models),
+            ],
+            routing={"sticky": False},
+        )
+        return alpha, beta, await start_sidecar(settings)
+
+    return start

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import openai
@@ -12,7 +13,7 @@ import pytest
 
 from sidecar.config import Settings
 
-from .conftest import RunningSidecar, provider
+from .conftest import Pair, RunningSidecar, provider
 from .fakes import FakeUpstream, status
 from .process import key_env, running, write_config
 
@@ -28,20 +29,8 @@ StartSidecar = Callable[[Settings], Awaitable[RunningSidecar]]
 
 
 @pytest.fixture
-async def two(
-    fake_upstream: Callable[..., Awaitable[FakeUpstream]],
-    make_settings: Callable[..., Settings],
-    start_sidecar: StartSidecar,
-) -> tuple[FakeUpstream, FakeUpstream, RunningSidecar]:
-    alpha, beta = await fake_upstream(), await fake_upstream()
-    settings = make_settings(
-        [
-            provider("alpha", alpha.url, "eu", models=MODELS),
-            provider("beta", beta.url, "us", models=MODELS),
-        ],
-        routing={"sticky": False},
-    )
-    return alpha, beta, await start_sidecar(settings)
+async def two(eu_and_us: Callable[[dict[str, Any]], Awaitable[Pair]]) -> Pair:
+    return await eu_and_us(MODELS)
 
 
 async def test_images_generate_bills_per_image_and_fails_over(

@@ -13,7 +13,7 @@ from sidecar import billing
 from sidecar.billing import Usage
 from sidecar.config import Settings
 
-from .conftest import PRICES, RunningSidecar, provider
+from .conftest import PRICES, Pair, RunningSidecar, provider
 from .fakes import FakeUpstream, sse, status
 
 MODELS = {"gpt-4o-mini": {"upstream": "up-mini", **PRICES}}
@@ -93,20 +93,8 @@ StartSidecar = Callable[[Settings], Awaitable[RunningSidecar]]
 
 
 @pytest.fixture
-async def two(
-    fake_upstream: Callable[..., Awaitable[FakeUpstream]],
-    make_settings: Callable[..., Settings],
-    start_sidecar: StartSidecar,
-) -> tuple[FakeUpstream, FakeUpstream, RunningSidecar]:
-    alpha, beta = await fake_upstream(), await fake_upstream()
-    settings = make_settings(
-        [
-            provider("alpha", alpha.url, "eu", models=MODELS),
-            provider("beta", beta.url, "us", models=MODELS),
-        ],
-        routing={"sticky": False},
-    )
-    return alpha, beta, await start_sidecar(settings)
+async def two(eu_and_us: Callable[[dict[str, Any]], Awaitable[Pair]]) -> Pair:
+    return await eu_and_us(MODELS)
 
 
 async def test_create_routes_rewrites_model_and_bills_responses_usage(
