@@ -419,6 +419,19 @@ def usage_in_last_content_chunk(**knobs: Any) -> Ok:
     return Ok(usage_in_last_content_chunk=True, **knobs)
 
 
+@dataclass(frozen=True)
+class Noted:
+    """Notes which provider's fake answered, in order, then behaves as ``inner``."""
+
+    calls: list[str]
+    name: str
+    inner: Behaviour
+
+    async def respond(self, request: web.Request, fake: FakeUpstream) -> web.StreamResponse:
+        self.calls.append(self.name)
+        return await self.inner.respond(request, fake)
+
+
 class FakeUpstream:
     """The fake server; see the module docstring."""
 

@@ -6,18 +6,17 @@ alpha, then beta, then gamma.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 import openai
 import pytest
-from aiohttp import web
 
 from .conftest import provider
 from .fakes import (
     Behaviour,
     FakeUpstream,
+    Noted,
     garbage,
     ok,
     refuse,
@@ -29,19 +28,6 @@ from .fakes import (
 FAST = {"first_byte_timeout_s": 0.3, "first_token_timeout_s": 0.3, "idle_timeout_s": 0.3}
 HI = [{"role": "user", "content": "Hi"}]
 NAMES = ("alpha", "beta", "gamma")
-
-
-@dataclass(frozen=True)
-class Noted:
-    """A behaviour that first notes which provider's fake answered, so the order is known."""
-
-    calls: list[str]
-    name: str
-    inner: Behaviour
-
-    async def respond(self, request: web.Request, fake: FakeUpstream) -> web.StreamResponse:
-        self.calls.append(self.name)
-        return await self.inner.respond(request, fake)
 
 
 class Fakes:

@@ -18,6 +18,7 @@ from .conftest import provider
 from .fakes import (
     Behaviour,
     FakeUpstream,
+    Noted,
     cut_before_content,
     garbage,
     ok,
@@ -118,19 +119,6 @@ async def test_route_dry_run_lists_candidates_and_exclusions(
 REGIONS = ("eu", "us", "sg")
 NAMES = ("p0", "p1", "p2")
 EXAMPLES = 30
-
-
-@dataclass(frozen=True)
-class Noted:
-    """Notes which provider's fake answered, in order, then behaves as ``inner``."""
-
-    calls: list[str]
-    name: str
-    inner: Behaviour
-
-    async def respond(self, request: web.Request, fake: FakeUpstream) -> web.StreamResponse:
-        self.calls.append(self.name)
-        return await self.inner.respond(request, fake)
 
 
 FAILS = ("500", "429", "refuse", "garbage", "401", "cut")
