@@ -12,10 +12,10 @@ import pytest
 
 from sidecar.config import LedgerConfig
 from sidecar.ledger import Ledger, rotated_path
+from sidecar.ledger_scan import is_fast_line
 from sidecar.usage import (
     cmd_usage,
     cmd_verify,
-    is_fast_line,
     iter_records,
     ledger_files,
     spent_since,
