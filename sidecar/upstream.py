@@ -63,7 +63,6 @@ class Upstream:
             headers=headers,
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=routing.connect_timeout_s),
             auto_decompress=True,
-            skip_auto_headers=("Content-Type",),
             json_serialize=None,  # type: ignore[arg-type]
             raise_for_status=False,
             trust_env=False,
