@@ -43,6 +43,7 @@ _ZERO = Decimal(0)
 SUM_CONTEXT = Context(prec=200)
 NO_UPPER_BOUND = "\uffff"
 CHUNK_BYTES = 1 << 20  # decoded text and its rows stay in cache: ~13% less CPU than 4 MiB
+MIDNIGHT = "T00:00:00.000Z"  # what follows the day in the earliest ``ts`` of that day
 
 
 class Totals:
@@ -186,6 +187,7 @@ _MODEL_FEE, _SERVICE_FEE, _TOTAL, _SAVED, _ESTIMATED, _SLOW = -6, -5, -4, -3, -2
 _TRUE = "true"
 _NEWLINE = ord("\n")
 _NOTHING = frozenset({"", "0"})
+_AFTER_DAY = itemgetter(slice(10, None))
 
 
 def is_fast_line(line: str) -> bool:
@@ -199,12 +201,23 @@ def _money(values: Iterable[str]) -> Decimal:
 
 
 class Summer:
-    """Sums lines into groups; the fast path and the orjson path give identical totals."""
+    """Sums lines into groups; the fast path and the orjson path give identical totals.
 
-    def __init__(self, since: str, until: str, by: tuple[str, ...]) -> None:
+    With ``span``, it also notes the least and greatest ``ts`` it counted and whether every one
+    of them sorts at or after its own day's midnight (``day_aligned``): then ``ts >= D +
+    MIDNIGHT`` holds exactly when ``ts[:10] >= D``, so whole day groups answer day bounds.
+    """
+
+    def __init__(
+        self, since: str, until: str, by: tuple[str, ...], *, span: bool = False
+    ) -> None:
         self.since, self.until, self.by = since, until, by
         self.groups: dict[GroupKey, Totals] = {}
-        captured = {"ts"} if since or until != NO_UPPER_BOUND else set()
+        self.min_ts: str | None = None
+        self.max_ts: str | None = None
+        self.day_aligned = True
+        self._span = span
+        captured = {"ts"} if span or since or until != NO_UPPER_BOUND else set()
         captured.update(by)
         names = [name for name in _OPTIONAL if name in captured]
         self._patterns = (
@@ -222,10 +235,20 @@ class Summer:
             totals = self.groups[key] = Totals()
         return totals
 
+    def _note(self, low: str, high: str, least_time: str) -> None:
+        if self.min_ts is None or low < self.min_ts:
+            self.min_ts = low
+        if self.max_ts is None or high > self.max_ts:
+            self.max_ts = high
+        if least_time < MIDNIGHT:
+            self.day_aligned = False
+
     def add_record(self, record: dict[str, Any]) -> None:
         ts = record.get("ts")
         if not isinstance(ts, str) or ts < self.since or ts >= self.until:
             return
+        if self._span:
+            self._note(ts, ts, ts[10:])
         self._totals(tuple(ts[:10] if f == "day" else record.get(f) for f in self.by)).add(record)
 
     def add_line(self, line: bytes | str) -> None:
@@ -251,6 +274,9 @@ class Summer:
             rows = list(compress(rows, inside))
         if not rows:
             return
+        if self._span:
+            stamps = list(map(itemgetter(self._ts), rows))
+            self._note(min(stamps), max(stamps), min(map(_AFTER_DAY, stamps)))
         if not self.by:
             self._totals(()).add_rows(rows)
             return
@@ -269,12 +295,19 @@ class Summer:
         path, start, end = segment
         if end <= start:
             return
-        with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        with path.open("rb") as f:
+            self.add_file(f.fileno(), start, end)
+
+    def add_file(self, fd: int, start: int, end: int, chunk_bytes: int = CHUNK_BYTES) -> None:
+        """The lines in bytes [start, end) of an open file, about ``chunk_bytes`` at a time."""
+        if end <= start:
+            return
+        with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as mm:
             end = min(end, len(mm))
             with memoryview(mm) as view:
                 pos = start
                 while pos < end:
-                    stop = _chunk_end(mm, pos, end)
+                    stop = _chunk_end(mm, pos, end, chunk_bytes)
                     self._add_bytes(view[pos:stop])
                     pos = stop
 
@@ -291,8 +324,8 @@ class Summer:
             self.add_line(bytes(data[whole:]))  # a last line without its newline
 
 
-def _chunk_end(mm: mmap.mmap, pos: int, end: int) -> int:
-    stop = pos + CHUNK_BYTES
+def _chunk_end(mm: mmap.mmap, pos: int, end: int, chunk_bytes: int) -> int:
+    stop = pos + chunk_bytes
     if stop >= end:
         return end
     newline = mm.find(b"\n", stop, end)
