@@ -10,6 +10,9 @@ every write, fsync and rename runs in a worker thread, never on the event loop. 
 error makes the ledger unavailable (handlers answer 503 ``ledger_unavailable``) until the file
 can be written again: the writer reopens it, repairs its tail and probes the disk every
 ``retry_s``.
+
+After a rotation, the rotated file's summary (``ledger_summary``) is written by a task of its
+own in a worker thread, so appends never wait for it; failing to write one is only a warning.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import orjson
 from sidecar.billing import usd
 from sidecar.config import LedgerConfig
 from sidecar.errors import LedgerUnavailable
+from sidecar.ledger_summary import write_summary
 from sidecar.log import get_logger
 
 LEDGER_VERSION: Final = 1
@@ -181,6 +185,8 @@ class Ledger:
         self._on_failure = on_failure
         self._queue: asyncio.Queue[_Item | None] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
+        self._rotated: list[Path] = []  # rotated by the writer thread, not yet summarized
+        self._summaries: set[asyncio.Task[None]] = set()
         self._closing = False
         self._fd = -1
         self._lock_fd = -1
@@ -219,6 +225,8 @@ class Ledger:
         self._queue.put_nowait(_STOP)
         await self._task
         await asyncio.to_thread(self._close_sync)
+        # A summary being written finishes (asyncio.run would wait for its thread anyway).
+        await asyncio.gather(*self._summaries)
 
     async def append(self, record: Mapping[str, Any]) -> None:
         """Add ``v``, ``ts`` and ``prev`` and append the line; see the module docstring."""
@@ -294,6 +302,8 @@ class Ledger:
             self._fail(failed.cause)
             self._resolve(batch, failed.written)
             return
+        finally:
+            self._summarize_rotated()
         self._last_hash = head
         if self._observe is not None:
             self._observe(loop.time() - started)
@@ -307,6 +317,19 @@ class Ledger:
             head = line_hash(line)
             lines.append(line)
         return lines, head
+
+    def _summarize_rotated(self) -> None:
+        for file in self._rotated:
+            task = asyncio.create_task(self._summarize(file), name="ledger-summary")
+            self._summaries.add(task)
+            task.add_done_callback(self._summaries.discard)
+        self._rotated.clear()
+
+    async def _summarize(self, file: Path) -> None:
+        try:
+            await asyncio.to_thread(write_summary, file)
+        except Exception as exc:  # a summary only spares `usage` a read; never a ledger failure
+            self._log.warning("ledger_summary_failed", path=str(file), error=str(exc))
 
     def _resolve(self, batch: list[_Item], written: int) -> None:
         for index, (_, future) in enumerate(batch):
@@ -458,7 +481,9 @@ class Ledger:
         os.close(self._fd)
         self._fd = -1
         number = max(rotated_numbers(self._path), default=0) + 1
-        os.rename(self._path, rotated_path(self._path, number))
+        rotated = rotated_path(self._path, number)
+        os.rename(self._path, rotated)
+        self._rotated.append(rotated)
         self._fd = os.open(self._path, _OPEN_FLAGS | os.O_EXCL, 0o600)
         self._size = 0
         self._dirty = False
