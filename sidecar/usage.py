@@ -12,7 +12,8 @@ import os
 import re
 import sys
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from contextlib import suppress
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal, localcontext
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any, TextIO
 
 import orjson
 
+from sidecar import ledger_summary
 from sidecar.ledger import GENESIS, format_ts, line_hash, rotated_numbers, rotated_path
 from sidecar.ledger_scan import (
     GROUP_FIELDS,
@@ -31,6 +33,7 @@ from sidecar.ledger_scan import (
     Summer,
     Totals,
 )
+from sidecar.ledger_summary import Summary
 
 FORMATS = ("table", "json", "csv")
 _DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
@@ -174,14 +177,22 @@ def split_segments(files: Sequence[Path], parts: int) -> list[list[Segment]]:
     return plan
 
 
-def _sum_segments(
-    segments: list[Segment], since: str, until: str, by: tuple[str, ...]
-) -> dict[GroupKey, Totals]:
-    summer = Summer(since, until, by)
+def _scan(
+    segments: list[Segment], since: str, until: str, by: tuple[str, ...], span: bool
+) -> tuple[dict[GroupKey, Totals], bool]:
+    summer = Summer(since, until, by, span=span)
     with localcontext(SUM_CONTEXT):
         for segment in segments:
             summer.add_segment(segment)
-    return summer.groups
+    return summer.groups, summer.day_aligned
+
+
+def _summarize(file: Path) -> Summary:
+    """A rotated file's summary, stored beside it if the folder allows (it is only a cache)."""
+    summary = ledger_summary.compute(file)
+    with suppress(OSError, ledger_summary.SummaryUnstorable):
+        ledger_summary.store(file, summary)
+    return summary
 
 
 def _usable_cpus() -> int:
@@ -191,7 +202,104 @@ def _usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def sum_ledger(
+_Scanned = tuple[dict[GroupKey, Totals], bool]
+
+
+def _run(
+    workers: int,
+    parallel_min_bytes: int,
+    to_summarize: list[Path],
+    to_scan: list[Path],
+    query: tuple[str, str, tuple[str, ...], bool],
+) -> tuple[list[Summary], list[_Scanned]]:
+    """Summarize and scan these files, in ``workers`` processes when they are large."""
+    size = sum(file.stat().st_size for file in [*to_summarize, *to_scan])
+    if workers > 1 and size >= parallel_min_bytes and size > 0:
+        plan = split_segments(to_scan, workers) if to_scan else []
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            summaries = [pool.apply_async(_summarize, (file,)) for file in to_summarize]
+            scans = [pool.apply_async(_scan, (part, *query)) for part in plan]
+            return [r.get() for r in summaries], [r.get() for r in scans]
+    segments = [(file, 0, file.stat().st_size) for file in to_scan]
+    return [_summarize(file) for file in to_summarize], [_scan(segments, *query)]
+
+
+@dataclass(slots=True)
+class Sums:
+    """Groups by ``by``; ``day_aligned``: every ts counted was (see ``Summer``). The files read
+    line by line for the query are ``scanned``, those summarized on the way ``summarized``; the
+    rest came from their summaries alone."""
+
+    by: tuple[str, ...]
+    groups: dict[GroupKey, Totals] = field(default_factory=dict)
+    day_aligned: bool = True
+    scanned: list[Path] = field(default_factory=list)
+    summarized: list[Path] = field(default_factory=list)
+
+    def add(self, groups: dict[GroupKey, Totals], *, by_all_fields: bool = False) -> None:
+        columns = [GROUP_FIELDS.index(f) for f in self.by]
+        with localcontext(SUM_CONTEXT):
+            for key, totals in groups.items():
+                own = tuple(key[i] for i in columns) if by_all_fields else key
+                target = self.groups.get(own)
+                if target is None:
+                    target = self.groups[own] = Totals()
+                target.merge(totals)
+
+    def add_summary(self, summary: Summary, since: str, until: str) -> bool:
+        """Add what a scan of the summarized file would; False if only a scan can tell."""
+        chosen = summary.select(since, until)
+        if chosen is None:
+            return False
+        if chosen:
+            self.add(chosen, by_all_fields=True)
+            self.day_aligned = self.day_aligned and summary.day_aligned
+        return True
+
+    def overall(self) -> Totals:
+        overall = Totals()
+        with localcontext(SUM_CONTEXT):
+            for totals in self.groups.values():
+                overall.merge(totals)
+        return overall
+
+
+def _sum_files(
+    rotated: list[Path],
+    live: list[Path],
+    *,
+    since: str = "",
+    until: str = NO_UPPER_BOUND,
+    by: tuple[str, ...] = (),
+    workers: int = 1,
+    parallel_min_bytes: int = PARALLEL_MIN_BYTES,
+    span: bool = False,
+) -> Sums:
+    """Rotated files from their summaries where those answer (writing missing ones), the rest
+    (the live file, a file a bound cuts inside a day) scanned."""
+    sums = Sums(by)
+    missing: list[Path] = []
+    to_scan = list(live)
+    for file in rotated:
+        summary = ledger_summary.load(file)
+        if summary is None:
+            missing.append(file)
+        elif not sums.add_summary(summary, since, until):
+            to_scan.append(file)
+    query = (since, until, by, span)
+    summaries, scanned = _run(workers, parallel_min_bytes, missing, to_scan, query)
+    pairs = zip(missing, summaries, strict=True)
+    cut = [file for file, summary in pairs if not sums.add_summary(summary, since, until)]
+    if cut:
+        scanned += _run(workers, parallel_min_bytes, [], cut, query)[1]
+    sums.scanned, sums.summarized = to_scan + cut, missing
+    for groups, aligned in scanned:
+        sums.add(groups)
+        sums.day_aligned = sums.day_aligned and aligned
+    return sums
+
+
+def ledger_sums(
     path: Path,
     *,
     since: str = "",
@@ -199,34 +307,23 @@ def sum_ledger(
     by: tuple[str, ...] = (),
     workers: int | None = None,
     parallel_min_bytes: int = PARALLEL_MIN_BYTES,
-) -> tuple[dict[GroupKey, Totals], Totals]:
-    """``summarize`` over the ledger files, in ``workers`` processes when they are large.
+) -> Sums:
+    """``summarize`` over the ledger files: rotated files from their summaries when those can
+    answer, the rest read, in ``workers`` processes when that is large.
 
-    ``workers`` defaults to the CPUs this process may use; a ledger under
-    ``parallel_min_bytes`` is summed in this process.
+    ``workers`` defaults to the CPUs this process may use; under ``parallel_min_bytes`` to read,
+    everything happens in this process.
     """
     files = ledger_files(path)
-    segments = [(file, 0, file.stat().st_size) for file in files]
-    size = sum(s[2] for s in segments)
-    count = workers if workers is not None else _usable_cpus()
-    if count > 1 and size >= parallel_min_bytes and size > 0:
-        plan = split_segments(files, count)
-        with multiprocessing.get_context("fork").Pool(len(plan)) as pool:
-            results = pool.starmap(_sum_segments, [(p, since, until, by) for p in plan])
-    else:
-        results = [_sum_segments(segments, since, until, by)]
-    groups: dict[GroupKey, Totals] = {}
-    with localcontext(SUM_CONTEXT):
-        for result in results:
-            for key, totals in result.items():
-                if key in groups:
-                    groups[key].merge(totals)
-                else:
-                    groups[key] = totals
-        overall = Totals()
-        for totals in groups.values():
-            overall.merge(totals)
-    return groups, overall
+    return _sum_files(
+        [file for file in files if file != path],
+        [file for file in files if file == path],
+        since=since,
+        until=until,
+        by=by,
+        workers=workers if workers is not None else _usable_cpus(),
+        parallel_min_bytes=parallel_min_bytes,
+    )
 
 
 def _bound(text: str, option: str, *, upper: bool) -> str:
@@ -280,26 +377,24 @@ def summarize(
 
 
 def spent_since(path: Path, day_start: datetime, month_start: datetime) -> tuple[Decimal, Decimal]:
-    """Billed ``total_usd`` since the starts of the UTC day and month, to seed the Budget."""
+    """Billed ``total_usd`` since the starts of the UTC day and month, to seed the Budget.
+
+    In this process (the daemon calls it from a thread: no worker processes)."""
     day_lo, month_lo = format_ts(day_start), format_ts(month_start)
     cutoff = month_start.timestamp()
-    day = month = _ZERO
-    for file in ledger_files(path):
-        if file != path and file.stat().st_mtime < cutoff:
-            continue  # closed before this month began: nothing in it counts
-        with file.open("rb") as f:
-            for line in f:
-                try:
-                    record = orjson.loads(line)
-                except orjson.JSONDecodeError:
-                    continue
-                ts = record.get("ts") if isinstance(record, dict) else None
-                if not isinstance(ts, str) or ts < month_lo or not record.get("billable"):
-                    continue
-                amount = Decimal(record.get("total_usd") or 0)
-                month += amount
-                if ts >= day_lo:
-                    day += amount
+    files = ledger_files(path)
+    # A rotated file closed before this month began has nothing in it that counts.
+    rotated = [file for file in files if file != path and file.stat().st_mtime >= cutoff]
+    live = [file for file in files if file == path]
+    sums = _sum_files(rotated, live, since=month_lo, by=("day",), span=True)
+    month = sums.overall().total_usd
+    if not sums.day_aligned:  # some ts sorts before its day's midnight: count by ts after all
+        return _sum_files(rotated, live, since=day_lo).overall().total_usd, month
+    with localcontext(SUM_CONTEXT):
+        day = sum(
+            (t.total_usd for (d,), t in sums.groups.items() if d is not None and d >= day_lo[:10]),
+            _ZERO,
+        )
     return day, month
 
 
@@ -405,7 +500,7 @@ def cmd_usage(
         hi = _bound(until, "--until", upper=True) if until else NO_UPPER_BOUND
         if not ledger_files(ledger):
             raise UsageError(f"no ledger at {ledger} (check --ledger or ledger.path)")
-        groups, overall = sum_ledger(
+        sums = ledger_sums(
             ledger,
             since=lo,
             until=hi,
@@ -419,5 +514,5 @@ def cmd_usage(
     except OSError as exc:
         print(f"usage: cannot read {ledger}: {exc.strerror or exc}", file=err or sys.stderr)
         return 2
-    _WRITERS[fmt](groups, overall, fields, out)
+    _WRITERS[fmt](sums.groups, sums.overall(), fields, out)
     return 0
