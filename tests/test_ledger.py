@@ -192,7 +192,7 @@ async def test_rotation_continues_the_chain(make_ledger: Callable[..., Ledger]) 
         await ledger.append(record(i, pad=padding))
     await asyncio.gather(*(ledger.append(record(100 + i, pad=padding)) for i in range(20)))
     assert rotated_path(ledger.path, 1).exists() and rotated_path(ledger.path, 4).exists()
-    for file in ledger.path.parent.glob("ledger.jsonl.0*"):
+    for file in ledger.path.parent.glob("ledger.jsonl.[0-9][0-9][0-9][0-9][0-9][0-9]"):
         assert file.stat().st_size <= 4096
         assert stat.S_IMODE(file.stat().st_mode) == 0o600
     assert len(read_chain(ledger.path)) == 60
