@@ -11,8 +11,8 @@ import asyncio
 import logging
 import re
 import sys
-from collections.abc import Iterable, MutableMapping
-from datetime import UTC, datetime
+import time
+from collections.abc import Callable, Iterable, MutableMapping
 from typing import Any, BinaryIO, TextIO
 
 import orjson
@@ -30,6 +30,10 @@ class Redactor:
 
     def __init__(self, secrets: Iterable[str] = ()) -> None:
         self._secrets = tuple(sorted({s for s in secrets if len(s) >= 4}, key=len, reverse=True))
+        # A secret as it appears in UTF-8 text and inside a JSON string (escaped, if it must be).
+        self._secret_bytes = frozenset(
+            form for s in self._secrets for form in (s.encode(), orjson.dumps(s)[1:-1])
+        )
 
     def __call__(self, text: str) -> str:
         for secret in self._secrets:
@@ -39,6 +43,13 @@ class Redactor:
         if "sk-" in lowered or "bearer" in lowered or "key=" in lowered:
             return _SECRET_PATTERNS.sub(REDACTED, text)
         return text
+
+    def may_leak(self, data: bytes) -> bool:
+        """False when rendered bytes hold no secret and no key shape: nothing to redact."""
+        if any(secret in data for secret in self._secret_bytes):
+            return True
+        lowered = data.lower()
+        return b"sk-" in lowered or b"bearer" in lowered or b"key=" in lowered
 
     def processor(
         self, _logger: Any, _name: str, event: MutableMapping[str, Any]
@@ -114,23 +125,22 @@ class RequestLog:
         self._interval = flush_interval_s
         self._lines: list[bytes] = []
         self._timer: asyncio.TimerHandle | None = None
+        self._clock = UtcStamps()
 
     def write(self, fields: dict[str, Any]) -> None:
         if not self._enabled:
             return
-        redact = self._redactor
-        for key, value in fields.items():
-            if isinstance(value, str):
-                fields[key] = redact(value)
-        timestamp = datetime.now(UTC).isoformat().replace("+00:00", "Z")
         if self._json:
             fields["event"] = "request"
             fields["level"] = "info"
-            fields["timestamp"] = timestamp
-            self._lines.append(orjson.dumps(fields) + b"\n")
+            fields["timestamp"] = self._clock.now()
+            line = orjson.dumps(fields, option=orjson.OPT_APPEND_NEWLINE)
+            if self._redactor.may_leak(line):  # rare: render again from redacted fields
+                line = orjson.dumps(self._redacted(fields), option=orjson.OPT_APPEND_NEWLINE)
+            self._lines.append(line)
         else:
-            pairs = " ".join(f"{k}={v}" for k, v in fields.items())
-            self._lines.append(f"{timestamp} [info     ] request  {pairs}\n".encode())
+            pairs = " ".join(f"{k}={v}" for k, v in self._redacted(fields).items())
+            self._lines.append(f"{self._clock.now()} [info     ] request  {pairs}\n".encode())
         if len(self._lines) >= 256:
             self.flush()
         elif self._timer is None:
@@ -138,6 +148,10 @@ class RequestLog:
                 self._timer = asyncio.get_running_loop().call_later(self._interval, self.flush)
             except RuntimeError:
                 self.flush()
+
+    def _redacted(self, fields: dict[str, Any]) -> dict[str, Any]:
+        redact = self._redactor
+        return {k: redact(v) if isinstance(v, str) else v for k, v in fields.items()}
 
     def flush(self) -> None:
         if self._timer is not None:
@@ -152,6 +166,24 @@ class RequestLog:
             self._stream.flush()
         except (OSError, ValueError):
             pass  # a closed or broken stderr must not take requests down with it
+
+
+class UtcStamps:
+    """ISO-8601 UTC timestamps with microseconds and ``Z``; the date and time of day are
+    formatted once a second, not once a line."""
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        self._second = -1
+        self._prefix = ""
+
+    def now(self) -> str:
+        moment = self._clock()
+        second = int(moment)
+        if second != self._second:
+            self._second = second
+            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return f"{self._prefix}.{int((moment - second) * 1_000_000):06d}Z"
 
 
 def _isatty(stream: BinaryIO) -> bool:

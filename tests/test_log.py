@@ -52,3 +52,46 @@ def test_secrets_are_redacted_in_every_field():
     assert "hunter2" not in line
     assert "sk-abcdefghijklmnopqrstuvwx" not in line
     assert line.count(log.REDACTED) == 4
+
+
+def request_lines(redactor: log.Redactor, fmt: str, **fields: object) -> str:
+    sink = io.BytesIO()
+    request_log = log.RequestLog(format=fmt, redactor=redactor, stream=sink)
+    request_log.write(dict(fields))
+    request_log.flush()
+    return sink.getvalue().decode()
+
+
+def test_request_line_redacts_secrets_even_where_json_escapes_them():
+    quoted = 'k3y"with\\escapes-and-more'
+    redactor = log.Redactor(["plain-configured-key-0042", quoted])
+    out = request_lines(
+        redactor,
+        "json",
+        request_id="r1",
+        path="/v1/chat/completions?x=plain-configured-key-0042",
+        model=f"m-{quoted}",
+        provider="sk-abcdefghijklmnop",
+        status=200,
+    )
+    line = json.loads(out)
+    assert "plain-configured-key-0042" not in out and "with\\\\escapes" not in out
+    assert "sk-abcdefghijklmnop" not in out
+    assert line["path"] == "/v1/chat/completions?x=[redacted]"
+    assert line["model"] == "m-[redacted]"
+    assert line["status"] == 200 and line["request_id"] == "r1"
+    assert len(line["timestamp"]) == len("2026-11-27T10:00:00.123456Z")
+
+
+def test_request_line_without_secrets_is_written_as_given():
+    redactor = log.Redactor(["plain-configured-key-0042"])
+    out = request_lines(redactor, "console", model="m", status=200)
+    assert out.endswith("request  model=m status=200\n")
+
+
+def test_utc_stamps_format_each_second_once_and_keep_microseconds():
+    moments = iter([1_795_000_000.25, 1_795_000_000.5, 1_795_000_061.75])
+    stamps = log.UtcStamps(lambda: next(moments))
+    assert stamps.now() == "2026-11-18T11:06:40.250000Z"
+    assert stamps.now() == "2026-11-18T11:06:40.500000Z"
+    assert stamps.now() == "2026-11-18T11:07:41.750000Z"
