@@ -35,17 +35,14 @@ from sidecar.billing import usd
 from sidecar.config import LedgerConfig
 from sidecar.errors import LedgerUnavailable
 from sidecar.ledger_summary import write_summary
-from sidecar.log import get_logger
+from sidecar.log import UtcStamps, get_logger
 
 LEDGER_VERSION: Final = 1
 GENESIS: Final = "0" * 64
 _TAIL_WINDOW = 1 << 20
+_LINE: Final = b'{"v":%d,"ts":"%%b",%%b,"prev":"%%b"}\n' % LEDGER_VERSION
 _PROBE_BYTES = 4096
 _OPEN_FLAGS = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
-
-
-def _utc_now() -> datetime:
-    return datetime.now(UTC)
 
 
 def rotated_path(path: Path, number: int) -> Path:
@@ -64,6 +61,8 @@ def rotated_numbers(path: Path) -> list[int]:
 
 def format_ts(moment: datetime) -> str:
     """UTC ISO-8601 with milliseconds and ``Z``: ``2025-01-31T23:59:59.123Z``."""
+    if moment.tzinfo is UTC:
+        return moment.isoformat(timespec="milliseconds")[:-6] + "Z"
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
     return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
@@ -156,8 +155,8 @@ class _WriteFailed(Exception):
         self.cause = cause
 
 
-_Item = tuple[bytes, "asyncio.Future[None]"]
-_STOP: Final = None
+# A queued line: its ``ts``, its fields as JSON without the braces, and who waits for it.
+_Item = tuple[bytes, bytes, "asyncio.Future[None]"]
 
 
 class Ledger:
@@ -167,7 +166,7 @@ class Ledger:
         self,
         config: LedgerConfig,
         *,
-        clock: Callable[[], datetime] = _utc_now,
+        clock: Callable[[], datetime] | None = None,
         write: Callable[[int, bytes], int] = os.write,
         fsync: Callable[[int], None] = os.fsync,
         retry_s: float = 1.0,
@@ -177,13 +176,15 @@ class Ledger:
         self._config = config
         self._path = config.path
         self._lock_path = config.path.with_name(config.path.name + ".lock")
-        self._clock = clock
+        # The default stamps format the date once a second; a given clock is for tests.
+        self._stamp = UtcStamps(digits=3).now if clock is None else lambda: format_ts(clock())
         self._write = write
         self._fsync = fsync
         self._retry_s = retry_s
         self._observe = observe
         self._on_failure = on_failure
-        self._queue: asyncio.Queue[_Item | None] = asyncio.Queue()
+        self._pending: list[_Item] = []
+        self._wakeup: asyncio.Future[None] | None = None  # the idle writer waits on it
         self._task: asyncio.Task[None] | None = None
         self._rotated: list[Path] = []  # rotated by the writer thread, not yet summarized
         self._summaries: set[asyncio.Task[None]] = set()
@@ -222,54 +223,54 @@ class Ledger:
         if self._task is None or self._closing:
             return
         self._closing = True
-        self._queue.put_nowait(_STOP)
+        self._wake_writer()
         await self._task
         await asyncio.to_thread(self._close_sync)
         # A summary being written finishes (asyncio.run would wait for its thread anyway).
         await asyncio.gather(*self._summaries)
 
     async def append(self, record: Mapping[str, Any]) -> None:
-        """Add ``v``, ``ts`` and ``prev`` and append the line; see the module docstring."""
+        """Append ``record`` as a line that starts with ``v`` and ``ts`` and ends with ``prev``
+        (so ``record`` holds none of those three); see the module docstring."""
         if self._task is None or self._closing:
             raise LedgerUnavailable("the ledger is not open; requests are refused until it is")
-        fields: dict[str, Any] = {"v": LEDGER_VERSION, "ts": format_ts(self._clock())}
-        fields.update(record)
-        fields.pop("prev", None)
-        body = orjson.dumps(fields, default=_json_default)
+        if not record:
+            raise ValueError("a ledger record needs at least one field")
+        body = orjson.dumps(record, default=_json_default)
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait((body, future))
+        self._pending.append((self._stamp().encode(), body[1:-1], future))
+        self._wake_writer()
         await future
+
+    def _wake_writer(self) -> None:
+        wakeup = self._wakeup
+        if wakeup is not None and not wakeup.done():
+            wakeup.set_result(None)
 
     # -- the writer task ------------------------------------------------------------------
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
-            wait_s = self._wait_s()
-            if wait_s is None:
-                item = await self._queue.get()
-            else:
+            if not self._pending:
+                if self._closing:
+                    return
+                wait_s = self._wait_s()
+                self._wakeup = loop.create_future()
                 try:
-                    async with asyncio.timeout(wait_s):  # no task per wait, unlike wait_for
-                        item = await self._queue.get()
+                    if wait_s is None:
+                        await self._wakeup
+                    else:
+                        async with asyncio.timeout(wait_s):  # no task per wait, unlike wait_for
+                            await self._wakeup
                 except TimeoutError:
                     await self._tick()
                     continue
-            batch, stop = self._drain(item)
+                finally:
+                    self._wakeup = None
+            batch, self._pending = self._pending, []
             if batch:
                 await self._commit(batch)
-            if stop:
-                return
-
-    def _drain(self, first: _Item | None) -> tuple[list[_Item], bool]:
-        batch: list[_Item] = []
-        item = first
-        while True:
-            if item is _STOP:
-                return batch, True
-            batch.append(item)
-            if self._queue.empty():
-                return batch, False
-            item = self._queue.get_nowait()
 
     def _wait_s(self) -> float | None:
         now = asyncio.get_running_loop().time()
@@ -312,8 +313,8 @@ class Ledger:
     def _chain(self, batch: list[_Item]) -> tuple[list[bytes], str]:
         head = self._last_hash
         lines = []
-        for body, _ in batch:
-            line = b'%s,"prev":"%s"}\n' % (body[:-1], head.encode())
+        for ts, fields, _ in batch:
+            line = _LINE % (ts, fields, head.encode())
             head = line_hash(line)
             lines.append(line)
         return lines, head
@@ -332,7 +333,7 @@ class Ledger:
             self._log.warning("ledger_summary_failed", path=str(file), error=str(exc))
 
     def _resolve(self, batch: list[_Item], written: int) -> None:
-        for index, (_, future) in enumerate(batch):
+        for index, (_, _, future) in enumerate(batch):
             if future.done():  # the caller was cancelled; its line is written all the same
                 continue
             if index < written:

@@ -169,11 +169,13 @@ class RequestLog:
 
 
 class UtcStamps:
-    """ISO-8601 UTC timestamps with microseconds and ``Z``; the date and time of day are
-    formatted once a second, not once a line."""
+    """ISO-8601 UTC timestamps with ``digits`` of the second (6 or 3) and ``Z``; the date and
+    time of day are formatted once a second, not once a line."""
 
-    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, clock: Callable[[], float] = time.time, *, digits: int = 6) -> None:
         self._clock = clock
+        self._scale = 10**digits
+        self._fraction = f".{{:0{digits}d}}Z".format
         self._second = -1
         self._prefix = ""
 
@@ -183,7 +185,7 @@ class UtcStamps:
         if second != self._second:
             self._second = second
             self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        return f"{self._prefix}.{int((moment - second) * 1_000_000):06d}Z"
+        return self._prefix + self._fraction(int((moment - second) * self._scale))
 
 
 def _isatty(stream: BinaryIO) -> bool:
