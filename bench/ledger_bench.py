@@ -13,9 +13,10 @@ same function), then the live file; the hash chain runs across them. ``--ledger 
 there and reuses it on the next run. ``usage`` runs as the CLI in a child process (start-up
 included), pinned with this process to one CPU unless ``--no-pin``: warm, with the summaries,
 and cold, with them deleted before each run (a cold run writes them again). The files are in the
-page cache either way. Each figure is the median of ``--repeat`` runs, printed with the 1-minute
-load average at its start, since the machine may be shared. ``--baseline`` also times just
-reading the files and just orjson.loads of every line, for context.
+page cache either way. Each figure is the median of ``--repeat`` runs (wall time, with that
+run's CPU time), printed with the 1-minute load average at its start, since the machine may be
+shared. ``--baseline`` also times just reading the files and just orjson.loads of every line,
+for context.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import hashlib
 import io
 import os
 import random
+import resource
 import subprocess
 import sys
 import tempfile
@@ -187,12 +189,17 @@ def drop_summaries(path: Path) -> None:
         summary_path(rotated_path(path, number)).unlink(missing_ok=True)
 
 
-def run_usage(path: Path, by: str) -> tuple[float, str, bytes]:
-    """One ``tokenhub-sidecar usage`` in a child process: (wall s, load at start, its output)."""
+def _child_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_usage(path: Path, by: str) -> tuple[float, float, str, bytes]:
+    """One ``tokenhub-sidecar usage`` in a child process: wall s, CPU s, load, its output."""
     argv = [sys.executable, "-m", "sidecar", "usage", "--ledger", str(path), "--format", "json"]
-    started, load = time.perf_counter(), _load()
+    started, cpu, load = time.perf_counter(), _child_cpu(), _load()
     done = subprocess.run([*argv, "--by", by] if by else argv, capture_output=True, check=True)
-    return time.perf_counter() - started, load, done.stdout
+    return time.perf_counter() - started, _child_cpu() - cpu, load, done.stdout
 
 
 def time_usage(path: Path, repeat: int) -> None:
@@ -207,14 +214,14 @@ def time_usage(path: Path, repeat: int) -> None:
                 if state == "cold":
                     drop_summaries(path)
                 runs.append(run_usage(path, by))
-            elapsed, load, output = sorted(runs)[len(runs) // 2]
+            elapsed, cpu, load, output = sorted(runs)[len(runs) // 2]
             outputs.append(output)
             verdict = "ok" if elapsed < 3 else "OVER the 3 s target"
             label = f"{state} ({'summaries' if state == 'warm' else 'no summaries'})"
             spread = f"{min(r[0] for r in runs):.2f}-{max(r[0] for r in runs):.2f}"
             print(
                 f"usage {label:<24} --by {by or '(none)':<26} {elapsed:6.2f} s  "
-                f"[{spread}]  {load}  [{verdict}]"
+                f"(cpu {cpu:.2f} s; runs {spread} s)  {load}  [{verdict}]"
             )
         same = "identical" if outputs[0] == outputs[1] else "DIFFERENT"
         print(f"usage --by {by or '(none)'}: warm and cold output {same}")
