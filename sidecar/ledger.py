@@ -22,7 +22,9 @@ import errno
 import fcntl
 import hashlib
 import os
+import queue
 import re
+import threading
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -159,6 +161,53 @@ class _WriteFailed(Exception):
 _Item = tuple[bytes, bytes, "asyncio.Future[None]"]
 
 
+class _IoThread:
+    """One thread that runs the writer's blocking calls in order.
+
+    A group commit hands its write to this thread and back: a queue put, and one wake-up of the
+    loop when it is done, where ``asyncio.to_thread`` also copies the context and chains two
+    futures for every call.
+    """
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._serve, name="ledger-io", daemon=True)
+        self._thread.start()
+
+    async def run(self, call: Callable[..., Any], *args: Any) -> Any:
+        future = asyncio.get_running_loop().create_future()
+        self._jobs.put((future, call, args))
+        return await future
+
+    async def stop(self) -> None:
+        self._jobs.put(None)
+        await asyncio.to_thread(self._thread.join)
+
+    def _serve(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            future, call, args = job
+            try:
+                outcome: tuple[Any, BaseException | None] = (call(*args), None)
+            except BaseException as exc:  # handed to the awaiting task, as to_thread would
+                outcome = (None, exc)
+            try:
+                future.get_loop().call_soon_threadsafe(_settle, future, *outcome)
+            except RuntimeError:  # the loop is closed: nobody waits any more
+                pass
+
+
+_Job = tuple["asyncio.Future[Any]", Callable[..., Any], tuple[Any, ...]]
+
+
+def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if future.cancelled():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
 class Ledger:
     """The single writer of one ledger file (and its rotated predecessors)."""
 
@@ -186,6 +235,7 @@ class Ledger:
         self._pending: list[_Item] = []
         self._wakeup: asyncio.Future[None] | None = None  # the idle writer waits on it
         self._task: asyncio.Task[None] | None = None
+        self._io: _IoThread | None = None
         self._rotated: list[Path] = []  # rotated by the writer thread, not yet summarized
         self._summaries: set[asyncio.Task[None]] = set()
         self._closing = False
@@ -214,6 +264,7 @@ class Ledger:
     async def open(self) -> None:
         """Take the lock, repair a torn tail, find the chain's head and start the writer."""
         await asyncio.to_thread(self._open_sync)
+        self._io = _IoThread()
         self._available = True
         self._last_sync = asyncio.get_running_loop().time()
         self._task = asyncio.create_task(self._run(), name="ledger-writer")
@@ -226,6 +277,8 @@ class Ledger:
         self._wake_writer()
         await self._task
         await asyncio.to_thread(self._close_sync)
+        if self._io is not None:
+            await self._io.stop()
         # A summary being written finishes (asyncio.run would wait for its thread anyway).
         await asyncio.gather(*self._summaries)
 
@@ -285,7 +338,7 @@ class Ledger:
             await self._try_recover(probe=True)
         elif self._dirty:
             try:
-                await asyncio.to_thread(self._sync_sync)
+                await self._in_thread(self._sync_sync)
             except OSError as exc:
                 self._fail(exc)
             self._last_sync = asyncio.get_running_loop().time()
@@ -298,7 +351,7 @@ class Ledger:
         loop = asyncio.get_running_loop()
         started = loop.time()
         try:
-            await asyncio.to_thread(self._write_sync, lines)
+            await self._in_thread(self._write_sync, lines)
         except _WriteFailed as failed:
             self._fail(failed.cause)
             self._resolve(batch, failed.written)
@@ -332,6 +385,10 @@ class Ledger:
         except Exception as exc:  # a summary only spares `usage` a read; never a ledger failure
             self._log.warning("ledger_summary_failed", path=str(file), error=str(exc))
 
+    async def _in_thread(self, call: Callable[..., Any], *args: Any) -> Any:
+        assert self._io is not None, "the writer runs only between open() and close()"
+        return await self._io.run(call, *args)
+
     def _resolve(self, batch: list[_Item], written: int) -> None:
         for index, (_, _, future) in enumerate(batch):
             if future.done():  # the caller was cancelled; its line is written all the same
@@ -356,7 +413,7 @@ class Ledger:
 
     async def _try_recover(self, *, probe: bool) -> bool:
         try:
-            await asyncio.to_thread(self._recover_sync, probe)
+            await self._in_thread(self._recover_sync, probe)
         except OSError as exc:
             self._fail(exc)
             return False
