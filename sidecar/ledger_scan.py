@@ -208,9 +208,7 @@ class Summer:
     MIDNIGHT`` holds exactly when ``ts[:10] >= D``, so whole day groups answer day bounds.
     """
 
-    def __init__(
-        self, since: str, until: str, by: tuple[str, ...], *, span: bool = False
-    ) -> None:
+    def __init__(self, since: str, until: str, by: tuple[str, ...], *, span: bool = False) -> None:
         self.since, self.until, self.by = since, until, by
         self.groups: dict[GroupKey, Totals] = {}
         self.min_ts: str | None = None
@@ -330,4 +328,3 @@ def _chunk_end(mm: mmap.mmap, pos: int, end: int, chunk_bytes: int) -> int:
         return end
     newline = mm.find(b"\n", stop, end)
     return end if newline < 0 else newline + 1
-

@@ -139,7 +139,6 @@ def cmd_verify(ledger: Path, out: TextIO, err: TextIO | None = None) -> int:
 # -- sums ----------------------------------------------------------------------------------
 
 
-
 def _line_start(path: Path, offset: int) -> int:
     """The start of the first line that begins at or after ``offset``."""
     if offset <= 0:
