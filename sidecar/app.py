@@ -10,6 +10,7 @@ from decimal import Decimal
 from functools import partial
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from . import security
 from .budget import Budget
@@ -17,7 +18,7 @@ from .cache import ResponseCache, SingleFlight
 from .config import Settings
 from .errors import MethodNotAllowed, NotFound, RequestTooLarge, SidecarError
 from .handlers import media, model, models, operator, responses, videos
-from .handlers.context import INFO, RequestIds, new_request_info
+from .handlers.context import RequestIds, RequestInfo, new_request_info
 from .health import HealthBook, Prober
 from .ledger import Ledger
 from .log import Redactor, RequestLog, get_logger
@@ -170,48 +171,53 @@ async def _prober_ctx(app: web.Application) -> AsyncIterator[None]:
     yield
 
 
-@web.middleware
-async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Request id, security checks, error rendering and the one log line per request."""
-    info = new_request_info(request, request.app[REQUEST_IDS])
-    runtime = request.app[LIVE].current
-    response: web.StreamResponse | None = None
-    in_flight = request.app[METRICS].in_flight
-    in_flight.inc()
-    try:
-        if request.path not in OPEN_PATHS:
-            server = runtime.settings.server
-            security.check_host(request.headers.get("Host"), server.allowed_hosts)
-            security.check_origin(request.headers.get("Origin"), server.allowed_origins)
-            info.client_token_id = security.check_client_token(
-                request.headers.get("Authorization"), server.client_tokens
+def guard_for(live: Live, metrics: Metrics, request_log: RequestLog, ids: RequestIds) -> Middleware:
+    """Request id, security checks, error rendering and the one log line per request; bound to
+    the app's parts, so a request looks none of them up."""
+
+    @web.middleware
+    async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+        info = new_request_info(request, ids)
+        runtime = live.current
+        response: web.StreamResponse | None = None
+        in_flight = metrics.in_flight
+        in_flight.inc()
+        try:
+            if request.path not in OPEN_PATHS:
+                server = runtime.settings.server
+                security.check_host(request.headers.get("Host"), server.allowed_hosts)
+                security.check_origin(request.headers.get("Origin"), server.allowed_origins)
+                info.client_token_id = security.check_client_token(
+                    request.headers.get("Authorization"), server.client_tokens
+                )
+                if request.content_length and request.content_length > server.max_body_bytes:
+                    raise _too_large(server.max_body_bytes)
+            response = _redact_error_body(await handler(request), runtime.redactor)
+            return response
+        except SidecarError as exc:
+            response = _error_response(exc, runtime.redactor)
+            if request.path.startswith("/v1/"):
+                response.headers.setdefault("X-TokenHub-Route", f"not routed: {exc.code}")
+            return response
+        except web.HTTPException as exc:
+            response = _error_response(
+                _from_http(exc, runtime.settings.server.max_body_bytes), runtime.redactor
             )
-            if request.content_length and request.content_length > server.max_body_bytes:
-                raise _too_large(server.max_body_bytes)
-        response = _redact_error_body(await handler(request), runtime.redactor)
-        return response
-    except SidecarError as exc:
-        response = _error_response(exc, runtime.redactor)
-        if request.path.startswith("/v1/"):
-            response.headers.setdefault("X-TokenHub-Route", f"not routed: {exc.code}")
-        return response
-    except web.HTTPException as exc:
-        response = _error_response(
-            _from_http(exc, runtime.settings.server.max_body_bytes), runtime.redactor
-        )
-        return response
-    except asyncio.CancelledError:
-        info.status = 499
-        raise
-    except Exception as exc:
-        get_logger().error("unhandled error", request_id=info.request_id, error=repr(exc))
-        response = _error_response(_internal_error(), runtime.redactor)
-        return response
-    finally:
-        in_flight.dec()
-        if response is not None and not response.prepared:
-            response.headers.setdefault("X-Request-Id", info.request_id)
-        _log_line(request, response)
+            return response
+        except asyncio.CancelledError:
+            info.status = 499
+            raise
+        except Exception as exc:
+            get_logger().error("unhandled error", request_id=info.request_id, error=repr(exc))
+            response = _error_response(_internal_error(), runtime.redactor)
+            return response
+        finally:
+            in_flight.dec()
+            if response is not None and not response.prepared:
+                response.headers.setdefault("X-Request-Id", info.request_id)
+            _log_line(request, info, response, metrics, request_log)
+
+    return guard
 
 
 def _redact_error_body(response: web.StreamResponse, redactor: Redactor) -> web.StreamResponse:
@@ -267,15 +273,20 @@ def _error_response(exc: SidecarError, redactor: Redactor) -> web.Response:
     return response
 
 
-def _log_line(request: web.Request, response: web.StreamResponse | None) -> None:
-    info = request[INFO]
+def _log_line(
+    request: web.Request,
+    info: RequestInfo,
+    response: web.StreamResponse | None,
+    metrics: Metrics,
+    request_log: RequestLog,
+) -> None:
     status = info.status or (response.status if response is not None else 499)
     latency_ms = round((time.monotonic() - info.started) * 1000, 2)
     # Labels stay bounded: the matched route, not the raw path; a resolved model, not any string.
     resource = request.match_info.route.resource
     endpoint = resource.canonical if resource is not None else "unmatched"
-    request.app[METRICS].observe_request(endpoint, info.model, info.provider, status)
-    request.app[REQUEST_LOG].write(
+    metrics.observe_request(endpoint, info.model, info.provider, status)
+    request_log.write(
         {
             "request_id": info.request_id,
             "method": request.method,
@@ -298,13 +309,18 @@ def create_app(
     settings: Settings, *, ledger: Ledger | None = None, request_log: RequestLog | None = None
 ) -> web.Application:
     """The daemon's aiohttp application; resources open on startup and close on cleanup."""
+    metrics = Metrics()
+    live = Live()
+    ids = RequestIds()
+    request_log = request_log or RequestLog(
+        format=settings.log.format, level=settings.log.level, redactor=redactor_for(settings)
+    )
     app = web.Application(
-        middlewares=[guard],
+        middlewares=[guard_for(live, metrics, request_log, ids)],
         client_max_size=settings.server.max_body_bytes,
         handler_args={"max_field_size": 16384, "max_line_size": 16384},
     )
     app[SETTINGS] = settings
-    metrics = Metrics()
     app[METRICS] = metrics
     app[LEDGER] = ledger or Ledger(
         settings.ledger,
@@ -313,11 +329,9 @@ def create_app(
     )
     app[BUDGET] = Budget(settings.budget)
     app[BACKGROUND] = set()
-    app[LIVE] = Live()
-    app[REQUEST_IDS] = RequestIds()
-    app[REQUEST_LOG] = request_log or RequestLog(
-        format=settings.log.format, level=settings.log.level, redactor=redactor_for(settings)
-    )
+    app[LIVE] = live
+    app[REQUEST_IDS] = ids
+    app[REQUEST_LOG] = request_log
     app.on_cleanup.append(_flush_request_log)
     app.cleanup_ctx.extend([_ledger_ctx, _runtime_ctx, _prober_ctx])
     app.router.add_routes(

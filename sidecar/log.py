@@ -46,8 +46,9 @@ class Redactor:
 
     def may_leak(self, data: bytes) -> bool:
         """False when rendered bytes hold no secret and no key shape: nothing to redact."""
-        if any(secret in data for secret in self._secret_bytes):
-            return True
+        for secret in self._secret_bytes:
+            if secret in data:
+                return True
         lowered = data.lower()
         return b"sk-" in lowered or b"bearer" in lowered or b"key=" in lowered
 
@@ -175,7 +176,7 @@ class UtcStamps:
     def __init__(self, clock: Callable[[], float] = time.time, *, digits: int = 6) -> None:
         self._clock = clock
         self._scale = 10**digits
-        self._fraction = f".{{:0{digits}d}}Z".format
+        self._format = f"%s.%0{digits}dZ"
         self._second = -1
         self._prefix = ""
 
@@ -185,7 +186,7 @@ class UtcStamps:
         if second != self._second:
             self._second = second
             self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        return self._prefix + self._fraction(int((moment - second) * self._scale))
+        return self._format % (self._prefix, (moment - second) * self._scale)
 
 
 def _isatty(stream: BinaryIO) -> bool:

@@ -181,6 +181,8 @@ class Metrics:
 
     def __init__(self) -> None:
         self._provider_states: ProviderStates | None = None
+        # The status stays an int on the hot path; its label string is made once per child.
+        self._request_children: dict[tuple[str, str | None, str | None, int], Value] = {}
         self._define_traffic()
         self._define_cache()
         self._define_ledger()
@@ -260,7 +262,12 @@ class Metrics:
     def observe_request(
         self, endpoint: str, model: str | None, provider: str | None, status: int
     ) -> None:
-        self.requests.labels(endpoint, model or "", provider or "", str(status)).value += 1
+        key = (endpoint, model, provider, status)
+        child = self._request_children.get(key)
+        if child is None:
+            labels = (endpoint, model or "", provider or "", str(status))
+            child = self._request_children[key] = self.requests.labels(*labels)
+        child.value += 1
 
     def add_spend(self, provider: str, model: str, total_usd: Decimal) -> None:
         if total_usd > 0:

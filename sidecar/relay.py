@@ -304,7 +304,7 @@ class Relay:
         stream: bool,
     ) -> aiohttp.ClientResponse | None:
         """One attempt up to response headers; None (after recording why) if it must move on."""
-        if not scope.allows(target.provider, target.model):
+        if target not in scope.targets:
             raise AssertionError(f"plan left the scope: {target.provider}/{target.model}")
         trail.begin(target)
         upstream = self._upstreams[target.provider]
