@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
 from decimal import Context, Decimal
-from typing import Any
+from types import MappingProxyType
+from typing import Any, NamedTuple
 
 from sidecar.config import ModelConfig
 
@@ -21,11 +21,15 @@ CHARS_PER_TOKEN = 4
 # Wide enough that no product of a token count and a price is ever rounded.
 _EXACT = Context(prec=60)
 _ZERO = Decimal(0)
+_NO_DETAILS: Mapping[str, Any] = MappingProxyType({})
 
 
-@dataclass(frozen=True, slots=True)
-class Usage:
-    """What one request consumed; ``input_tokens`` includes ``cached_tokens``, as OpenAI counts."""
+class Usage(NamedTuple):
+    """What one request consumed; ``input_tokens`` includes ``cached_tokens``, as OpenAI counts.
+
+    A NamedTuple, not a frozen dataclass: one is made per request, and a frozen dataclass's
+    ``__init__`` costs several times a tuple's.
+    """
 
     input_tokens: int = 0
     output_tokens: int = 0
@@ -47,8 +51,7 @@ class Usage:
         }
 
 
-@dataclass(frozen=True, slots=True)
-class Cost:
+class Cost(NamedTuple):
     model_fee: Decimal
     service_fee: Decimal
     total: Decimal
@@ -73,10 +76,12 @@ def _count(value: object) -> int:
 
 def _details(usage: Mapping[str, Any], key: str) -> Mapping[str, Any]:
     details = usage.get(key)
-    return details if isinstance(details, Mapping) else {}
+    return details if isinstance(details, dict | Mapping) else _NO_DETAILS
 
 
 def _seconds(value: object) -> Decimal:
+    if value is None:
+        return _ZERO
     if isinstance(value, bool) or not isinstance(value, int | float | str):
         return Decimal(0)
     try:
@@ -94,7 +99,7 @@ def usage_from_openai(usage: Mapping[str, Any] | None) -> Usage | None:
     ``input_tokens``/``output_tokens`` with ``input_tokens_details.cached_tokens``; audio
     transcription billed by duration reports ``seconds``.
     """
-    if not isinstance(usage, Mapping):
+    if not isinstance(usage, dict | Mapping):  # a dict (what orjson gives) is checked first
         return None
     if "prompt_tokens" in usage or "completion_tokens" in usage:
         input_tokens = _count(usage.get("prompt_tokens"))
