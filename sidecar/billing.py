@@ -76,6 +76,8 @@ def _count(value: object) -> int:
 
 def _details(usage: Mapping[str, Any], key: str) -> Mapping[str, Any]:
     details = usage.get(key)
+    if details is None:
+        return _NO_DETAILS
     return details if isinstance(details, dict | Mapping) else _NO_DETAILS
 
 

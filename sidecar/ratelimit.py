@@ -129,9 +129,22 @@ class ConcurrencyCap:
     def waiting(self) -> int:
         return sum(1 for waiter in self._waiters if not waiter.done())
 
-    async def __aenter__(self) -> None:
+    def try_enter(self) -> bool:
+        """Take a slot if one is free and nobody waits: the common case, with no coroutine."""
         if self._in_flight < self._limit and not self._waiters:
             self._in_flight += 1
+            return True
+        return False
+
+    async def wait_turn(self) -> None:
+        """Queue for a slot (FIFO); ``leave()`` gives it back."""
+        await self.__aenter__()
+
+    def leave(self) -> None:
+        self._release()
+
+    async def __aenter__(self) -> None:
+        if self.try_enter():
             return
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)

@@ -207,7 +207,7 @@ async def record(
         "model_fee_usd": billing.usd(cost.model_fee),
         "service_fee_usd": billing.usd(cost.service_fee),
         "total_usd": billing.usd(cost.total),
-        "saved_usd": billing.usd(saved or Decimal(0)),
+        "saved_usd": billing.usd(saved) if saved else "0",
         "latency_ms": int((time.monotonic() - exchange.started) * 1000),
     }
     if estimated is not None and outcome != "ok":

@@ -40,15 +40,23 @@ __all__ = ["CHAT", "COMPLETIONS", "EMBEDDINGS", "handle"]
 async def handle(request: web.Request, surface: Surface) -> web.StreamResponse:
     runtime = request.app[LIVE].current
     runtime.enter()
+    cap = runtime.cap
     try:
-        async with runtime.cap:
+        if not cap.try_enter():
+            await cap.wait_turn()
+        try:
             exchange = await _prepare(request, surface, runtime)
             reservation = _reserve(exchange)
             try:
+                if exchange.cache_key is None or not exchange.decision.lookup:
+                    _count_cache(exchange, "bypass")
+                    return await _from_upstream(request, exchange)
                 return await _answer(request, exchange)
             finally:
                 if reservation is not None:
                     runtime.budget.settle(reservation, exchange.spent)
+        finally:
+            cap.leave()
     finally:
         runtime.leave()
 
@@ -128,9 +136,7 @@ async def _answer(request: web.Request, exchange: Exchange) -> web.StreamRespons
     """Serve from the cache, or share an identical in-flight call, or go upstream."""
     runtime = exchange.runtime
     key = exchange.cache_key
-    if key is None or not exchange.decision.lookup:
-        _count_cache(exchange, "bypass")
-        return await _from_upstream(request, exchange)
+    assert key is not None
     hit = runtime.cache.get(key, exchange.scope.allows)
     if hit is not None:
         return await _serve_hit(request, exchange, hit)
