@@ -32,7 +32,9 @@ async def relay_stream(
     try:
         await response.prepare(request)
         for held, held_chunk in stream.held:
-            await _forward(response, held, held_chunk, tally, assembler, client_wants_usage)
+            out = _outgoing(held, held_chunk, tally, assembler, client_wants_usage)
+            if out is not None:
+                await response.write(out)
         while True:
             try:
                 payload = await stream.next_payload()
@@ -52,7 +54,9 @@ async def relay_stream(
             if not isinstance(chunk, dict) or "error" in chunk:
                 stream.attempts[-1].reason = "error event after content"
                 break
-            await _forward(response, payload, chunk, tally, assembler, client_wants_usage)
+            out = _outgoing(payload, chunk, tally, assembler, client_wants_usage)
+            if out is not None:
+                await response.write(out)
         stream.close()
         await _finish_stream(exchange, stream, response, outcome, tally, assembler)
     except (ConnectionError, asyncio.CancelledError):
@@ -64,14 +68,14 @@ async def relay_stream(
     return response
 
 
-async def _forward(
-    response: web.StreamResponse,
+def _outgoing(
     payload: bytes,
     chunk: dict[str, Any],
     tally: StreamTally,
     assembler: StreamAssembler | None,
     client_wants_usage: bool,
-) -> None:
+) -> bytes | None:
+    """The SSE bytes to send the client for one upstream event (None: send nothing)."""
     if assembler is not None:
         assembler.feed(chunk)
     for choice in chunk.get("choices") or ():
@@ -85,9 +89,9 @@ async def _forward(
         tally.usage = billing.usage_from_openai(reported)
         if not client_wants_usage:
             if not chunk.get("choices"):
-                return
+                return None
             payload = orjson.dumps({k: v for k, v in chunk.items() if k != "usage"})
-    await response.write(b"data: " + payload + b"\n\n")
+    return b"data: " + payload + b"\n\n"
 
 
 async def _finish_stream(
