@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import os
 import re
 import resource
@@ -31,8 +30,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import ledger_bench as ledger_tools
 import orjson
 import peers
+
+from sidecar.usage import ledger_files
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -528,51 +530,6 @@ def group_rows(
 # ---------------------------------------------------------------- usage over a large ledger
 
 
-def ledger_line(i: int, prev: str) -> bytes:
-    minute, model = i // 60, ("bench-model", "bench-embed")[i % 7 == 0]
-    record = {
-        "v": 1,
-        "ts": f"2025-01-{1 + (minute // 1440) % 28:02d}T{(minute // 60) % 24:02d}:"
-        f"{minute % 60:02d}:{i % 60:02d}.000Z",
-        "request_id": f"req-{i:08d}",
-        "endpoint": "/v1/chat/completions",
-        "requested": model,
-        "model": model,
-        "provider": "bench",
-        "upstream_model": model,
-        "region": "local",
-        "stream": i % 2 == 0,
-        "status": 200,
-        "outcome": "ok",
-        "billable": True,
-        "attempts": [{"provider": "bench", "status": 200, "reason": "ok", "ms": 12}],
-        "usage": {
-            "input_tokens": 12,
-            "output_tokens": 20,
-            "cached_tokens": 0,
-            "images": 0,
-            "seconds": 0,
-        },
-        "usage_source": "reported",
-        "model_fee_usd": "0.00001176",
-        "service_fee_usd": "0.0000003528",
-        "total_usd": "0.0000121128",
-        "saved_usd": "0",
-        "latency_ms": 14,
-        "prev": prev,
-    }
-    return orjson.dumps(record) + b"\n"
-
-
-def write_ledger(path: Path, lines: int) -> None:
-    prev = "0" * 64
-    with path.open("wb") as out:
-        for i in range(lines):
-            line = ledger_line(i, prev)
-            out.write(line)
-            prev = hashlib.sha256(line).hexdigest()
-
-
 def timed(cpu: int | None, argv: list[str]) -> tuple[int, float, float, float, str]:
     """(exit code, wall s, CPU s, peak RSS MB, last output line) of one child process."""
     start = time.perf_counter()
@@ -586,27 +543,26 @@ def timed(cpu: int | None, argv: list[str]) -> tuple[int, float, float, float, s
 
 
 def usage_rows(drv: Driver, plan: Plan) -> list[Row]:
-    print(f"[usage] writing a {plan.usage_lines:,}-line ledger", flush=True)
+    """`usage` over the ledger the daemon would leave: rotated at the default ``rotate_bytes``,
+    each rotated file summarized (``ledger_bench.generate``); then again with the summaries
+    deleted, and the floor, which parses every line of every file."""
+    print(f"[usage] writing a {plan.usage_lines:,}-line ledger as the daemon does", flush=True)
     ledger = drv.workdir / "usage-ledger.jsonl"
-    write_ledger(ledger, plan.usage_lines)
+    ledger_tools.generate(ledger, plan.usage_lines)
+    files = [str(p) for p in ledger_files(ledger)]
     exe = REPO / ".venv" / "bin" / "tokenhub-sidecar"
     name = f"usage, {plan.usage_lines:,} lines"
+    usage = [str(exe), "usage", "--ledger", str(ledger), "--by", "model", "--format", "json"]
     runs = {
-        "floor": [PY, str(BENCH / "usage_floor.py"), str(ledger)],
-        "sidecar": [
-            str(exe),
-            "usage",
-            "--ledger",
-            str(ledger),
-            "--by",
-            "model",
-            "--format",
-            "json",
-        ],
+        "floor": [PY, str(BENCH / "usage_floor.py"), *files],
+        "sidecar": usage,
+        "sidecar, no summaries": usage,
     }
     server_cpu = None if drv.cpu is None else 1
     rows = []
     for target, argv in runs.items():
+        if target == "sidecar, no summaries":
+            ledger_tools.drop_summaries(ledger)
         code, wall, cpu, rss, last = timed(server_cpu, argv)
         row = Row(
             name,
@@ -615,12 +571,13 @@ def usage_rows(drv: Driver, plan: Plan) -> list[Row]:
             cpu_ms=cpu * 1000,
             rss_mb=rss,
             seconds=wall,
-            note=f"{wall:.2f} s wall, {plan.usage_lines / wall:,.0f} lines/s",
+            note=f"{wall:.2f} s wall, {plan.usage_lines / wall:,.0f} lines/s, {len(files)} files",
         )
         if code != 0:
             row.problem = f"exit {code}: {last[:160]}"
         rows.append(row)
-    ledger.unlink()
+    for file in ledger.parent.glob(ledger.name + "*"):
+        file.unlink()
     return rows
 
 

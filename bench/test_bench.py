@@ -162,13 +162,3 @@ def test_table_marks_failures_and_ratios() -> None:
     assert "0.50x/s, +0.50 ms" in floor_line
     sidecar_line = next(line for line in text.splitlines() if "| sidecar |" in line)
     assert "did not start (exit 2): boom" in sidecar_line
-
-
-def test_ledger_lines_form_a_hash_chain(tmp_path: Path) -> None:
-    import hashlib
-
-    path = tmp_path / "ledger.jsonl"
-    run.write_ledger(path, 3)
-    lines = path.read_bytes().splitlines(keepends=True)
-    assert orjson.loads(lines[0])["prev"] == "0" * 64
-    assert orjson.loads(lines[2])["prev"] == hashlib.sha256(lines[1]).hexdigest()
