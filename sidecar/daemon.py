@@ -23,6 +23,7 @@ from . import config, systemd
 from .app import LEDGER, create_app, swap_runtime
 from .config import ConfigError, Settings, parse_listen
 from .ledger import LedgerLocked
+from .ledger_scan import LedgerFormatError
 from .log import get_logger
 
 Announce = Callable[[str], None]
@@ -190,6 +191,8 @@ async def run(
         await runner.setup()
     except LedgerLocked as exc:
         raise StartupError(str(exc)) from None
+    except LedgerFormatError as exc:  # the budget's spend so far is read from the ledger
+        raise StartupError(f"cannot read today's spend for [budget]: {exc}") from None
     except OSError as exc:
         raise StartupError(
             f"cannot open the ledger at {settings.ledger.path}: {exc.strerror or exc}"

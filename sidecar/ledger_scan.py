@@ -70,20 +70,21 @@ class Totals:
             self.failures += 1
         saved = record.get("saved_usd")
         if saved and saved != "0":
-            self.saved_usd += Decimal(saved)
+            self.saved_usd += _amount(record, "saved_usd")
         if not record.get("billable"):
-            estimated = record.get("estimated_usd")
-            if estimated:
-                self.unbilled_estimated_usd += Decimal(estimated)
+            if record.get("estimated_usd"):
+                self.unbilled_estimated_usd += _amount(record, "estimated_usd")
             return
         self.billable_requests += 1
         usage = record.get("usage") or {}
-        self.input_tokens += usage.get("input_tokens", 0)
-        self.output_tokens += usage.get("output_tokens", 0)
-        self.cached_tokens += usage.get("cached_tokens", 0)
-        self.model_fee_usd += Decimal(record.get("model_fee_usd") or 0)
-        self.service_fee_usd += Decimal(record.get("service_fee_usd") or 0)
-        self.total_usd += Decimal(record.get("total_usd") or 0)
+        if not isinstance(usage, dict):
+            raise LedgerFormatError(_malformed(record, "usage", "an object"))
+        self.input_tokens += _tokens(record, usage, "input_tokens")
+        self.output_tokens += _tokens(record, usage, "output_tokens")
+        self.cached_tokens += _tokens(record, usage, "cached_tokens")
+        self.model_fee_usd += _amount(record, "model_fee_usd")
+        self.service_fee_usd += _amount(record, "service_fee_usd")
+        self.total_usd += _amount(record, "total_usd")
 
     def add_rows(self, rows: Sequence[tuple[str, ...]]) -> None:
         """Add fast-path rows (see ``_fast_line``): the same sums as ``add`` over the same lines.
@@ -306,7 +307,10 @@ class Summer:
                 pos = start
                 while pos < end:
                     stop = _chunk_end(mm, pos, end, chunk_bytes)
-                    self._add_bytes(view[pos:stop])
+                    # Released at once, even on an error: a view still alive would make
+                    # closing the map fail and hide that error behind a BufferError.
+                    with view[pos:stop] as chunk:
+                        self._add_bytes(chunk)
                     pos = stop
 
     def _add_bytes(self, data: memoryview) -> None:
@@ -320,6 +324,36 @@ class Summer:
             self.add_text(text)
         if whole < len(data):
             self.add_line(bytes(data[whole:]))  # a last line without its newline
+
+
+class LedgerFormatError(ValueError):
+    """A ledger line whose amounts or counts are not what the writer writes (edited by hand)."""
+
+
+def _malformed(record: dict[str, Any], field: str, what: str) -> str:
+    return (
+        f"the ledger line of request {record.get('request_id')!r} has a {field} that is not "
+        f"{what} (edited by hand?); correct or remove that line, then run "
+        "`tokenhub-sidecar ledger verify`"
+    )
+
+
+def _amount(record: dict[str, Any], field: str) -> Decimal:
+    value = record.get(field) or "0"
+    try:
+        amount = Decimal(value) if isinstance(value, str | int) else None
+    except ArithmeticError:
+        amount = None
+    if amount is None or not amount.is_finite():
+        raise LedgerFormatError(_malformed(record, field, "a decimal amount"))
+    return amount
+
+
+def _tokens(record: dict[str, Any], usage: dict[str, Any], field: str) -> int:
+    value = usage.get(field, 0)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise LedgerFormatError(_malformed(record, f"usage.{field}", "a whole number"))
+    return value
 
 
 def _chunk_end(mm: mmap.mmap, pos: int, end: int, chunk_bytes: int) -> int:

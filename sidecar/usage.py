@@ -29,6 +29,7 @@ from sidecar.ledger_scan import (
     SUM_CONTEXT,
     TOTAL_FIELDS,
     GroupKey,
+    LedgerFormatError,
     Segment,
     Summer,
     Totals,
@@ -513,5 +514,8 @@ def cmd_usage(
     except OSError as exc:
         print(f"usage: cannot read {ledger}: {exc.strerror or exc}", file=err or sys.stderr)
         return 2
+    except LedgerFormatError as exc:
+        print(f"usage: {exc}", file=err or sys.stderr)
+        return 1
     _WRITERS[fmt](sums.groups, sums.overall(), fields, out)
     return 0

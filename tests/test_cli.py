@@ -61,3 +61,54 @@ def test_usage_errors_exit_2():
     result = run("frobnicate")
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
+
+
+def _hand_edited_ledger(folder: Path) -> Path:
+    """A one-line ledger whose billable line says ``"input_tokens":"twelve"``."""
+    line = (
+        '{"v":1,"ts":"2026-11-27T10:00:00.000Z","request_id":"r-edited","endpoint":'
+        '"/v1/chat/completions","requested":"m","model":"m","provider":"p","upstream_model":"m",'
+        '"region":"local","stream":false,"status":200,"outcome":"ok","billable":true,'
+        '"attempts":[],"usage":{"input_tokens":"twelve","output_tokens":20,"cached_tokens":0,'
+        '"images":0,"seconds":0},"usage_source":"reported","model_fee_usd":"0.1",'
+        '"service_fee_usd":"0","total_usd":"0.1","saved_usd":"0","latency_ms":1,'
+        f'"prev":"{"0" * 64}"}}\n'
+    )
+    ledger = folder / "ledger.jsonl"
+    ledger.write_text(line)
+    ledger.chmod(0o600)
+    return ledger
+
+
+def test_a_hand_edited_ledger_line_is_one_line_for_usage_and_serve(tmp_path: Path):
+    ledger = _hand_edited_ledger(tmp_path)
+    result = run("usage", "--ledger", str(ledger))
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr and result.stderr.strip().count("\n") == 0
+    assert "'r-edited' has a usage.input_tokens that is not a whole number" in result.stderr
+
+    config = tmp_path / "c.toml"
+    config.write_text(
+        '[server]\nlisten = "127.0.0.1:0"\n[budget]\ndaily_usd = "5"\n'
+        f'[ledger]\npath = "{ledger}"\n'
+        '[[providers]]\nname = "p"\nbase_url = "http://127.0.0.1:9/v1"\nregion = "local"\n'
+        '[providers.models."m"]\nkind = "chat"\ninput_per_mtok = "1"\noutput_per_mtok = "1"\n'
+    )
+    result = run("serve", "-c", str(config))
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr and "BufferError" not in result.stderr
+    assert "cannot read today's spend for [budget]" in result.stderr
+    assert "'r-edited'" in result.stderr
+
+
+def test_a_hand_edited_amount_names_its_field(tmp_path: Path):
+    ledger = _hand_edited_ledger(tmp_path)
+    text = (
+        ledger.read_text()
+        .replace('"twelve"', "12")
+        .replace('"total_usd":"0.1"', '"total_usd":"lots"')
+    )
+    ledger.write_text(text)
+    result = run("usage", "--ledger", str(ledger), "--by", "model")
+    assert result.returncode == 1, result.stderr
+    assert "'r-edited' has a total_usd that is not a decimal amount" in result.stderr
