@@ -274,9 +274,15 @@ async def test_stall_notices_the_client_leaving(
     fake: FakeUpstream, http: aiohttp.ClientSession
 ) -> None:
     fake.script(stall(30))
-    timeout = aiohttp.ClientTimeout(total=0.1)
-    with pytest.raises(asyncio.TimeoutError):
-        await http.post(f"{fake.url}/chat/completions", json=CHAT, timeout=timeout)
+    call = asyncio.ensure_future(http.post(f"{fake.url}/chat/completions", json=CHAT))
+    # Leave only once the fake holds the request: a client that gave up before the fake read
+    # it (a fixed client timeout on a loaded machine) would leave no handler to notice.
+    async with asyncio.timeout(5):
+        while not fake.requests:
+            await asyncio.sleep(0.01)
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
     await asyncio.wait_for(fake.client_gone.wait(), 5)
     assert fake.disconnects == 1
 

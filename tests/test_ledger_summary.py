@@ -77,9 +77,7 @@ def document(sums: Sums) -> dict[str, Any]:
     return as_json(sums.groups, sums.overall(), sums.by)
 
 
-def as_json(
-    groups: dict[GroupKey, Totals], overall: Totals, by: tuple[str, ...]
-) -> dict[str, Any]:
+def as_json(groups: dict[GroupKey, Totals], overall: Totals, by: tuple[str, ...]) -> dict[str, Any]:
     return {
         "groups": [
             {"key": dict(zip(by, key, strict=True)), **totals.as_dict()}
@@ -192,9 +190,7 @@ async def test_rotation_writes_each_rotated_files_summary(tmp_path: Path) -> Non
     for file in files:
         summary = ledger_summary.load(file)
         assert summary is not None
-        assert ledger_summary.encode(summary) == ledger_summary.encode(
-            ledger_summary.compute(file)
-        )
+        assert ledger_summary.encode(summary) == ledger_summary.encode(ledger_summary.compute(file))
         assert stat.S_IMODE(summary_path(file).stat().st_mode) == 0o600
     assert not summary_path(path).exists()
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")) == []
@@ -329,9 +325,7 @@ async def test_a_stale_or_tampered_summary_is_not_used(ledger: Path, edit: Edit)
     assert document(sums) == expected
     rewritten = ledger_summary.load(target)  # and its summary written again on the way
     assert rewritten is not None
-    assert ledger_summary.encode(rewritten) == ledger_summary.encode(
-        ledger_summary.compute(target)
-    )
+    assert ledger_summary.encode(rewritten) == ledger_summary.encode(ledger_summary.compute(target))
     assert usage_json(ledger, by=[",".join(by)]) == expected
     assert ledger_sums(ledger).summarized == []
 

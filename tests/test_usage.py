@@ -309,7 +309,7 @@ def full(outcome: str, n: int, *, model: str = "deepseek-v3.2", **extra: Any) ->
 
 
 OUTCOMES = ("ok", "ok", "ok", "cache_hit", "stream_cut", "upstream_failed", "client_cancelled")
-MODELS = ("deepseek-v3.2", "qwen3-max", "模型-ü", "ascii\"quoted")
+MODELS = ("deepseek-v3.2", "qwen3-max", "模型-ü", 'ascii"quoted')
 
 
 def full_entries(count: int) -> list[tuple[str, dict[str, Any]]]:
@@ -462,7 +462,7 @@ async def test_since_and_until_on_fast_lines(tmp_path: Path) -> None:
     lines = path.read_bytes().splitlines(keepends=True)
     inside = tmp_path / "inside.jsonl"
     inside.write_bytes(
-        b"".join(t for t in lines if b'"ts":"2025-03-02T' in t or b'03T02:00:00.000Z' in t)
+        b"".join(t for t in lines if b'"ts":"2025-03-02T' in t or b"03T02:00:00.000Z" in t)
     )
     # --until is inclusive of the instant given; the hour-05 lines of day 3 stay out.
     document = usage_json(path, by=BY_ALL, since="2025-03-02", until="2025-03-03T02:00:00Z")
