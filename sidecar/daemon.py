@@ -25,6 +25,7 @@ from .config import ConfigError, Settings, parse_listen
 from .ledger import LedgerLocked
 from .ledger_scan import LedgerFormatError
 from .log import get_logger
+from .sweep import DeadlineSweep
 
 Announce = Callable[[str], None]
 
@@ -56,7 +57,8 @@ class _HeadDeadline(RequestHandler):
 
     def __init__(self, manager: _HeadDeadlineServer, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
-        self._deadlines = manager
+        self._deadlines = manager.deadlines
+        self._header_timeout_s = manager.header_timeout_s
         self.head_since: float | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -79,13 +81,13 @@ class _HeadDeadline(RequestHandler):
         # A parsed head waits in the queue, or its request is being handled (body included).
         return bool(self._messages) or self._request_in_progress
 
-    def expire(self, header_timeout_s: float) -> None:
+    def expire(self) -> None:
         if self._serving() or self.transport is None:
             return
         get_logger().warning(
             "connection closed: request head not received in time",
             peer=str(self.peername),
-            header_timeout_s=header_timeout_s,
+            header_timeout_s=self._header_timeout_s,
         )
         self.force_close()
         self.transport.close()
@@ -100,33 +102,17 @@ class _HeadDeadlineServer(web.Server):
             loop=base._loop,
             **base._kwargs,
         )
-        self._header_timeout_s = header_timeout_s
-        self._watched: set[_HeadDeadline] = set()
-        self._sweeper: asyncio.TimerHandle | None = None
+        self.header_timeout_s = header_timeout_s
+        self.deadlines: DeadlineSweep[_HeadDeadline] = DeadlineSweep(
+            header_timeout_s, since=_head_since, expire=_HeadDeadline.expire, clock=self._loop.time
+        )
 
     def __call__(self) -> RequestHandler:
         return _HeadDeadline(self, loop=self._loop, **self._kwargs)
 
-    def watch(self, handler: _HeadDeadline) -> None:
-        self._watched.add(handler)
-        if self._sweeper is None:
-            self._schedule()
 
-    def forget(self, handler: _HeadDeadline) -> None:
-        self._watched.discard(handler)
-
-    def _schedule(self) -> None:
-        # Sweeping four times per timeout closes a slow head within 1.25x the timeout.
-        self._sweeper = self._loop.call_later(self._header_timeout_s / 4, self._sweep)
-
-    def _sweep(self) -> None:
-        self._sweeper = None
-        cutoff = self._loop.time() - self._header_timeout_s
-        for handler in [h for h in self._watched if h.head_since is not None]:
-            if handler.head_since is not None and handler.head_since <= cutoff:
-                handler.expire(self._header_timeout_s)
-        if self._watched:
-            self._schedule()
+def _head_since(handler: _HeadDeadline) -> float | None:
+    return handler.head_since
 
 
 class DaemonRunner(web.AppRunner):

@@ -19,6 +19,7 @@ import orjson
 from .errors import UpstreamFailed
 from .health import HealthBook, parse_retry_after
 from .scope import Scope, Target
+from .sweep import DeadlineSweep
 from .upstream import Upstream, UpstreamError
 from .wire import JSON_TYPE as wire_json
 from .wire import SSE_TYPE, SSEDecoder, has_content
@@ -107,7 +108,7 @@ class OpenStream:
     done: bool = False
     touched: float = field(default_factory=time.monotonic)
     timed_out: bool = False
-    watch: IdleWatch | None = None
+    watch: DeadlineSweep[OpenStream] | None = None
 
     async def next_payload(self) -> bytes | None:
         """The next event's data (``b"[DONE]"`` included); None at a clean end of the body.
@@ -146,42 +147,14 @@ class OpenStream:
         self.response.close()
 
 
-class IdleWatch:
-    """Cuts streams whose upstream sent nothing for ``idle_timeout_s``.
+def _last_data(stream: OpenStream) -> float:
+    return stream.touched
 
-    One sweep a quarter of the timeout apart serves every open stream, where a timer per chunk
-    would cost a timer handle for each of thousands of chunks a second. A stream goes quiet for
-    at most 1.25 times the timeout before it is cut.
-    """
 
-    def __init__(self, idle_timeout_s: float) -> None:
-        self._idle_timeout_s = idle_timeout_s
-        self._streams: set[OpenStream] = set()
-        self._sweeper: asyncio.TimerHandle | None = None
-
-    def watch(self, stream: OpenStream) -> None:
-        stream.watch = self
-        stream.touched = time.monotonic()
-        self._streams.add(stream)
-        if self._sweeper is None:
-            self._schedule()
-
-    def forget(self, stream: OpenStream) -> None:
-        self._streams.discard(stream)
-
-    def _schedule(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._sweeper = loop.call_later(self._idle_timeout_s / 4, self._sweep)
-
-    def _sweep(self) -> None:
-        self._sweeper = None
-        cutoff = time.monotonic() - self._idle_timeout_s
-        for stream in [s for s in self._streams if s.touched <= cutoff]:
-            stream.timed_out = True
-            self._streams.discard(stream)
-            stream.response.close()
-        if self._streams:
-            self._schedule()
+def _cut_idle(stream: OpenStream) -> None:
+    """The upstream sent nothing for ``idle_timeout_s``: ``next_payload`` then says so."""
+    stream.timed_out = True
+    stream.close()
 
 
 def _elapsed_ms(started: float) -> int:
@@ -237,7 +210,9 @@ class Relay:
         self._health = health
         self._first_token_timeout_s = first_token_timeout_s
         self._idle_timeout_s = idle_timeout_s
-        self._idle_watch = IdleWatch(idle_timeout_s)
+        self._idle_watch: DeadlineSweep[OpenStream] = DeadlineSweep(
+            idle_timeout_s, since=_last_data, expire=_cut_idle, clock=time.monotonic
+        )
         self._wall = wall
 
     async def call(
@@ -354,6 +329,8 @@ class Relay:
             raise
         trail.end(response.status, "ok")
         self._health.record_success(target.provider)
+        stream.touched = time.monotonic()
+        stream.watch = self._idle_watch
         self._idle_watch.watch(stream)
         return stream
 
