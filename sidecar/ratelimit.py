@@ -137,25 +137,30 @@ class ConcurrencyCap:
         return False
 
     async def wait_turn(self) -> None:
-        """Queue for a slot (FIFO); ``leave()`` gives it back."""
-        await self.__aenter__()
-
-    def leave(self) -> None:
-        self._release()
-
-    async def __aenter__(self) -> None:
-        if self.try_enter():
-            return
+        """Queue for a slot (FIFO) when ``try_enter`` found none; ``leave()`` gives it back."""
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
         try:
             await waiter  # a leaving request hands its slot over; in_flight stays counted
         except asyncio.CancelledError:
             if waiter.done() and not waiter.cancelled():
-                self._release()  # handed a slot in the same instant: pass it on
+                self.leave()  # handed a slot in the same instant: pass it on
             else:
                 self._waiters.remove(waiter)
             raise
+
+    def leave(self) -> None:
+        """Hand the slot to the first live waiter, or free it."""
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+        self._in_flight -= 1
+
+    async def __aenter__(self) -> None:
+        if not self.try_enter():
+            await self.wait_turn()
 
     async def __aexit__(
         self,
@@ -163,12 +168,4 @@ class ConcurrencyCap:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self._release()
-
-    def _release(self) -> None:
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
-                return
-        self._in_flight -= 1
+        self.leave()
