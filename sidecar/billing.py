@@ -40,7 +40,7 @@ class Usage(NamedTuple):
 
     def ledger_fields(self) -> dict[str, object]:
         seconds: object = (
-            int(self.seconds) if self.seconds == self.seconds.to_integral() else (usd(self.seconds))
+            int(self.seconds) if self.seconds == self.seconds.to_integral() else usd(self.seconds)
         )
         return {
             "input_tokens": self.input_tokens,
@@ -82,15 +82,13 @@ def _details(usage: Mapping[str, Any], key: str) -> Mapping[str, Any]:
 
 
 def _seconds(value: object) -> Decimal:
-    if value is None:
-        return _ZERO
     if isinstance(value, bool) or not isinstance(value, int | float | str):
-        return Decimal(0)
+        return _ZERO
     try:
         amount = Decimal(str(value))
     except ArithmeticError:
-        return Decimal(0)
-    return amount if amount.is_finite() and amount > 0 else Decimal(0)
+        return _ZERO
+    return amount if amount.is_finite() and amount > 0 else _ZERO
 
 
 def usage_from_openai(usage: Mapping[str, Any] | None) -> Usage | None:

@@ -276,9 +276,9 @@ class Ledger:
         self._closing = True
         self._wake_writer()
         await self._task
-        await asyncio.to_thread(self._close_sync)
-        if self._io is not None:
-            await self._io.stop()
+        await self._in_thread(self._close_sync)
+        assert self._io is not None
+        await self._io.stop()
         # A summary being written finishes (asyncio.run would wait for its thread anyway).
         await asyncio.gather(*self._summaries)
 

@@ -132,7 +132,7 @@ class RequestLog:
         self._interval = flush_interval_s
         self._lines: list[bytes] = []
         self._timer: asyncio.TimerHandle | None = None
-        self._clock = UtcStamps()
+        self._stamps = UtcStamps()
 
     def write(self, fields: dict[str, Any]) -> None:
         if not self._enabled:
@@ -140,14 +140,14 @@ class RequestLog:
         if self._json:
             fields["event"] = "request"
             fields["level"] = "info"
-            fields["timestamp"] = self._clock.now()
+            fields["timestamp"] = self._stamps.now()
             line = orjson.dumps(fields, option=orjson.OPT_APPEND_NEWLINE)
             if self._redactor.may_leak(line):  # rare: render again from redacted fields
                 line = orjson.dumps(self._redacted(fields), option=orjson.OPT_APPEND_NEWLINE)
             self._lines.append(line)
         else:
             pairs = " ".join(f"{k}={v}" for k, v in self._redacted(fields).items())
-            self._lines.append(f"{self._clock.now()} [info     ] request  {pairs}\n".encode())
+            self._lines.append(f"{self._stamps.now()} [info     ] request  {pairs}\n".encode())
         if len(self._lines) >= 256:
             self.flush()
         elif self._timer is None:
