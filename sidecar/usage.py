@@ -405,10 +405,11 @@ def _sorted(groups: dict[GroupKey, Totals]) -> list[tuple[GroupKey, Totals]]:
     return sorted(groups.items(), key=lambda item: tuple(v or "" for v in item[0]))
 
 
-def _write_json(
-    groups: dict[GroupKey, Totals], overall: Totals, by: tuple[str, ...], out: TextIO
-) -> None:
-    document = {
+def json_document(
+    groups: dict[GroupKey, Totals], overall: Totals, by: tuple[str, ...]
+) -> dict[str, Any]:
+    """SPEC's ``usage --format json`` document: ``{"groups": [...], "totals": {...}}``."""
+    return {
         "groups": [
             {"key": dict(zip(by, key, strict=True)), **totals.as_dict()}
             for key, totals in _sorted(groups)
@@ -417,6 +418,12 @@ def _write_json(
         else [],
         "totals": overall.as_dict(),
     }
+
+
+def _write_json(
+    groups: dict[GroupKey, Totals], overall: Totals, by: tuple[str, ...], out: TextIO
+) -> None:
+    document = json_document(groups, overall, by)
     out.write(orjson.dumps(document, option=orjson.OPT_INDENT_2).decode() + "\n")
 
 

@@ -18,13 +18,13 @@ import pytest
 from sidecar import ledger_summary
 from sidecar.config import LedgerConfig
 from sidecar.ledger import Ledger, rotated_numbers, rotated_path
-from sidecar.ledger_scan import GroupKey, Totals
 from sidecar.ledger_summary import summary_path
 from sidecar.usage import (
     Sums,
     _bound,
     cmd_verify,
     iter_records,
+    json_document,
     ledger_files,
     ledger_sums,
     spent_since,
@@ -70,23 +70,11 @@ def reference(
         until=_bound(until, "", upper=True) if until else "\uffff",
         by=by,
     )
-    return as_json(groups, overall, by)
+    return json_document(groups, overall, by)
 
 
 def document(sums: Sums) -> dict[str, Any]:
-    return as_json(sums.groups, sums.overall(), sums.by)
-
-
-def as_json(groups: dict[GroupKey, Totals], overall: Totals, by: tuple[str, ...]) -> dict[str, Any]:
-    return {
-        "groups": [
-            {"key": dict(zip(by, key, strict=True)), **totals.as_dict()}
-            for key, totals in sorted(groups.items(), key=lambda i: tuple(v or "" for v in i[0]))
-        ]
-        if by
-        else [],
-        "totals": overall.as_dict(),
-    }
+    return json_document(sums.groups, sums.overall(), sums.by)
 
 
 def stamps(file: Path) -> list[str]:

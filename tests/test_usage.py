@@ -17,6 +17,7 @@ from sidecar.usage import (
     cmd_usage,
     cmd_verify,
     iter_records,
+    json_document,
     ledger_files,
     spent_since,
     split_segments,
@@ -326,15 +327,7 @@ def orjson_path(path: Path, **kwargs: Any) -> dict[str, Any]:
     """What the plain orjson reading (``summarize`` over ``iter_records``) gives."""
     fields = tuple(f for item in kwargs.get("by", []) for f in item.split(","))
     groups, overall = summarize(iter_records(path), by=fields)
-    return {
-        "groups": [
-            {"key": dict(zip(fields, key, strict=True)), **totals.as_dict()}
-            for key, totals in sorted(groups.items(), key=lambda i: tuple(v or "" for v in i[0]))
-        ]
-        if fields
-        else [],
-        "totals": overall.as_dict(),
-    }
+    return json_document(groups, overall, fields)
 
 
 def usage_json(path: Path, **kwargs: Any) -> dict[str, Any]:
