@@ -22,6 +22,25 @@ sora_deprecated = pytest.mark.filterwarnings("ignore:The Sora API:DeprecationWar
 MODELS = {"sora-2": {"kind": "video", "upstream": "up-sora", "per_second": "0.1"}}
 
 
+StartAlpha = Callable[..., Awaitable[tuple[FakeUpstream, RunningSidecar]]]
+
+
+@pytest.fixture
+def alpha_sidecar(
+    fake_upstream: Callable[..., Awaitable[FakeUpstream]],
+    make_settings: Callable[..., Settings],
+    start_sidecar: Callable[[Settings], Awaitable[RunningSidecar]],
+) -> StartAlpha:
+    """Start one fake provider, alpha, serving ``MODELS``, and a sidecar in front of it."""
+
+    async def start(**sections: Any) -> tuple[FakeUpstream, RunningSidecar]:
+        alpha = await fake_upstream()
+        settings = make_settings([provider("alpha", alpha.url, models=MODELS)], **sections)
+        return alpha, await start_sidecar(settings)
+
+    return start
+
+
 def video(state: str, job_id: str = "video_1") -> dict[str, Any]:
     return {
         "id": job_id,
@@ -83,12 +102,9 @@ async def test_video_job_fails_over_on_create_then_bills_once_at_its_provider(
 
 @sora_deprecated
 async def test_a_job_nobody_polls_is_billed_by_the_sidecars_own_poll(
-    fake_upstream: Callable[..., Awaitable[FakeUpstream]],
-    make_settings: Callable[..., Settings],
-    start_sidecar: Callable[[Settings], Awaitable[RunningSidecar]],
+    alpha_sidecar: StartAlpha,
 ) -> None:
-    alpha = await fake_upstream()
-    sidecar = await start_sidecar(make_settings([provider("alpha", alpha.url, models=MODELS)]))
+    alpha, sidecar = await alpha_sidecar()
     alpha.script(
         status(200, body=video("queued", "video_9")),
         status(200, body=video("in_progress", "video_9")),
@@ -109,12 +125,9 @@ async def test_a_job_nobody_polls_is_billed_by_the_sidecars_own_poll(
 
 @sora_deprecated
 async def test_a_poll_that_cannot_reach_the_jobs_provider_is_a_502_with_its_unbilled_line(
-    fake_upstream: Callable[..., Awaitable[FakeUpstream]],
-    make_settings: Callable[..., Settings],
-    start_sidecar: Callable[[Settings], Awaitable[RunningSidecar]],
+    alpha_sidecar: StartAlpha,
 ) -> None:
-    alpha = await fake_upstream()
-    sidecar = await start_sidecar(make_settings([provider("alpha", alpha.url, models=MODELS)]))
+    alpha, sidecar = await alpha_sidecar()
     alpha.script(status(200, body=video("queued", "video_5")))
     client = sidecar.client()
     await client.videos.create(model="sora-2", prompt="x")
@@ -129,14 +142,9 @@ async def test_a_poll_that_cannot_reach_the_jobs_provider_is_a_502_with_its_unbi
 
 @sora_deprecated
 async def test_a_create_reserves_its_seconds_and_a_poll_bill_counts_against_the_cap(
-    fake_upstream: Callable[..., Awaitable[FakeUpstream]],
-    make_settings: Callable[..., Settings],
-    start_sidecar: Callable[[Settings], Awaitable[RunningSidecar]],
+    alpha_sidecar: StartAlpha,
 ) -> None:
-    alpha = await fake_upstream()
-    sidecar = await start_sidecar(
-        make_settings([provider("alpha", alpha.url, models=MODELS)], budget={"daily_usd": "1"})
-    )
+    alpha, sidecar = await alpha_sidecar(budget={"daily_usd": "1"})
     alpha.script(
         status(200, body=video("queued", "video_7")),
         status(200, body=video("completed", "video_7")),
