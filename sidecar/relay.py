@@ -135,6 +135,11 @@ class OpenStream:
             if len(self.decoder.pending) > MAX_EVENT_BYTES:
                 raise UpstreamError("stream event too large (not SSE?)")
 
+    @property
+    def has_buffered(self) -> bool:
+        """True when ``next_payload`` can answer from events already read, without waiting."""
+        return any(payload is not None for payload in self.pending)
+
     def _cut_reason(self, exc: BaseException | None) -> str:
         if self.timed_out:
             return f"no data between chunks within {self.idle_timeout_s:g}s"

@@ -361,3 +361,77 @@ async def test_an_endless_event_after_content_cuts_the_stream(
     [line] = sidecar.ledger_lines()
     assert line["outcome"] == "stream_cut"
     assert line["attempts"][0]["reason"] == "stream event too large (not SSE?)"
+
+
+def _content(text: str, finish: str | None = None) -> dict[str, Any]:
+    return {"choices": [{"index": 0, "delta": {"content": text}, "finish_reason": finish}]}
+
+
+def _event(chunk: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(chunk).encode() + b"\n\n"
+
+
+class _Gated:
+    """Sends ``first`` (one write), then waits for ``gate`` before sending ``rest`` and [DONE]."""
+
+    def __init__(self, first: bytes, rest: bytes) -> None:
+        self.first, self.rest = first, rest
+        self.gate = asyncio.Event()
+
+    async def respond(self, request: Any, fake: FakeUpstream) -> Any:
+        from aiohttp import web
+
+        async with fake.streaming():
+            response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await response.prepare(request)
+            await response.write(self.first)
+            await self.gate.wait()
+            await response.write(self.rest + b"data: [DONE]\n\n")
+            await response.write_eof()
+            return response
+
+
+async def _http_chunks_until(resp: aiohttp.ClientResponse, marker: bytes) -> list[bytes]:
+    """The body's HTTP chunks, as the sidecar wrote them, up to the one that holds ``marker``."""
+    chunks: list[bytes] = []
+    async for data, _ in resp.content.iter_chunks():
+        chunks.append(data)
+        if marker in b"".join(chunks):
+            return chunks
+    raise AssertionError(f"{marker!r} never arrived")
+
+
+async def test_events_that_arrive_together_are_forwarded_in_one_write(
+    start_sidecar, make_settings, fake_upstream
+):
+    sidecar, alpha, _ = await pair(start_sidecar, make_settings, fake_upstream)
+    together = _event(_content("B")) + _event(_content("C")) + _event(_content("D", "stop"))
+    upstream = _Gated(_event(_content("A")), together)
+    alpha.script(upstream)
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{sidecar.base_url}/v1/chat/completions", json=STREAM) as resp:
+            await _http_chunks_until(resp, b'"A"')
+            upstream.gate.set()
+            chunks = await _http_chunks_until(resp, b'"B"')
+            rest = await resp.read()
+    assert b'"C"' in chunks[-1] and b'"D"' in chunks[-1], chunks
+    assert rest.endswith(b"data: [DONE]\n\n")
+    [line] = sidecar.ledger_lines()
+    assert line["outcome"] == "ok"
+
+
+async def test_an_event_followed_by_a_keep_alive_is_not_held_for_the_next_read(
+    start_sidecar, make_settings, fake_upstream
+):
+    """The upstream sends no more until the client has the event: holding it would hang."""
+    sidecar, alpha, _ = await pair(start_sidecar, make_settings, fake_upstream, idle_timeout_s=30)
+    first = _event(_content("A")) + _event(_content("B")) + b": keep-alive\n\n"
+    upstream = _Gated(first, _event(_content("C", "stop")))
+    alpha.script(upstream)
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{sidecar.base_url}/v1/chat/completions", json=STREAM) as resp:
+            async with asyncio.timeout(10):
+                await _http_chunks_until(resp, b'"B"')
+            upstream.gate.set()
+            rest = await resp.read()
+    assert b'"C"' in rest and rest.endswith(b"data: [DONE]\n\n")

@@ -31,11 +31,16 @@ async def relay_stream(
     outcome = "stream_cut"
     try:
         await response.prepare(request)
+        # Events that came in one read go out in one write: one syscall, not one per event.
+        batch: list[bytes] = []
         for held, held_chunk in stream.held:
             out = _outgoing(held, held_chunk, tally, assembler, client_wants_usage)
             if out is not None:
-                await response.write(out)
+                batch.append(out)
         while True:
+            if batch and not stream.has_buffered:
+                await response.write(b"".join(batch))
+                batch.clear()
             try:
                 payload = await stream.next_payload()
             except UpstreamError as exc:
@@ -56,8 +61,10 @@ async def relay_stream(
                 break
             out = _outgoing(payload, chunk, tally, assembler, client_wants_usage)
             if out is not None:
-                await response.write(out)
+                batch.append(out)
         stream.close()
+        if batch:
+            await response.write(b"".join(batch))
         await _finish_stream(exchange, stream, response, outcome, tally, assembler)
     except (ConnectionError, asyncio.CancelledError):
         stream.close()
