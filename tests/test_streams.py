@@ -415,7 +415,7 @@ async def test_events_that_arrive_together_are_forwarded_in_one_write(
             chunks = await _http_chunks_until(resp, b'"B"')
             rest = await resp.read()
     assert b'"C"' in chunks[-1] and b'"D"' in chunks[-1], chunks
-    assert rest.endswith(b"data: [DONE]\n\n")
+    assert (b"".join(chunks) + rest).endswith(b"data: [DONE]\n\n")
     [line] = sidecar.ledger_lines()
     assert line["outcome"] == "ok"
 

@@ -262,10 +262,9 @@ async def _serve_hit(
     response = web.StreamResponse(headers=headers)
     response.content_type = wire.SSE_TYPE
     await response.prepare(request)
-    await response.write(
+    await response.write_eof(
         b"".join(replay_chunks(hit.body, include_usage=wire.wants_usage(exchange.body)))
     )
-    await response.write_eof()
     return response
 
 

@@ -63,9 +63,7 @@ async def relay_stream(
             if out is not None:
                 batch.append(out)
         stream.close()
-        if batch:
-            await response.write(b"".join(batch))
-        await _finish_stream(exchange, stream, response, outcome, tally, assembler)
+        await _finish_stream(exchange, stream, response, outcome, tally, assembler, batch)
     except (ConnectionError, asyncio.CancelledError):
         stream.close()
         if not exchange.recorded:  # a client gone after the line was written keeps that line
@@ -108,17 +106,19 @@ async def _finish_stream(
     outcome: str,
     tally: StreamTally,
     assembler: StreamAssembler | None,
+    unsent: list[bytes],
 ) -> None:
+    """Record the stream, then send what is left, its last event and the end in one write."""
     await _record_stream(exchange, stream, outcome, tally)
     if outcome == "ok":
-        await response.write(wire.SSE_DONE)
+        unsent.append(wire.SSE_DONE)
         if assembler is not None:
             completed = assembler.complete()
             if completed is not None:
                 store_answer(exchange, stream.target, completed)
     else:
-        await response.write(wire.STREAM_INTERRUPTED)
-    await response.write_eof()
+        unsent.append(wire.STREAM_INTERRUPTED)
+    await response.write_eof(b"".join(unsent))
 
 
 async def _record_stream(
