@@ -28,6 +28,7 @@ import threading
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from decimal import Decimal
+from functools import partial
 from pathlib import Path
 from typing import Any, Final
 
@@ -174,9 +175,13 @@ class _IoThread:
         self._thread = threading.Thread(target=self._serve, name="ledger-io", daemon=True)
         self._thread.start()
 
-    async def run(self, call: Callable[..., Any], *args: Any) -> Any:
+    async def run(
+        self, call: Callable[..., Any], *args: Any, then: Callable[[], None] | None = None
+    ) -> Any:
+        """``call(*args)`` on the thread; ``then()`` runs on the loop as soon as it succeeded,
+        in the same callback that wakes the caller (one loop turn sooner than the caller)."""
         future = asyncio.get_running_loop().create_future()
-        self._jobs.put((future, call, args))
+        self._jobs.put((future, call, args, then))
         return await future
 
     async def stop(self) -> None:
@@ -185,21 +190,28 @@ class _IoThread:
 
     def _serve(self) -> None:
         while (job := self._jobs.get()) is not None:
-            future, call, args = job
+            future, call, args, then = job
             try:
                 outcome: tuple[Any, BaseException | None] = (call(*args), None)
             except BaseException as exc:  # handed to the awaiting task, as to_thread would
                 outcome = (None, exc)
             try:
-                future.get_loop().call_soon_threadsafe(_settle, future, *outcome)
+                future.get_loop().call_soon_threadsafe(_settle, future, then, *outcome)
             except RuntimeError:  # the loop is closed: nobody waits any more
                 pass
 
 
-_Job = tuple["asyncio.Future[Any]", Callable[..., Any], tuple[Any, ...]]
+_Job = tuple["asyncio.Future[Any]", Callable[..., Any], tuple[Any, ...], Callable[[], None] | None]
 
 
-def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+def _settle(
+    future: asyncio.Future[Any],
+    then: Callable[[], None] | None,
+    result: Any,
+    error: BaseException | None,
+) -> None:
+    if error is None and then is not None:
+        then()
     if future.cancelled():
         return
     if error is not None:
@@ -351,7 +363,8 @@ class Ledger:
         loop = asyncio.get_running_loop()
         started = loop.time()
         try:
-            await self._in_thread(self._write_sync, lines)
+            # The batch's callers wake in the same loop turn as this task, not one turn later.
+            await self._in_thread(self._write_sync, lines, then=partial(self._resolve, batch))
         except _WriteFailed as failed:
             self._fail(failed.cause)
             self._resolve(batch, failed.written)
@@ -361,7 +374,6 @@ class Ledger:
         self._last_hash = head
         if self._observe is not None:
             self._observe(loop.time() - started)
-        self._resolve(batch, len(batch))
 
     def _chain(self, batch: list[_Item]) -> tuple[list[bytes], str]:
         head = self._last_hash
@@ -385,11 +397,16 @@ class Ledger:
         except Exception as exc:  # a summary only spares `usage` a read; never a ledger failure
             self._log.warning("ledger_summary_failed", path=str(file), error=str(exc))
 
-    async def _in_thread(self, call: Callable[..., Any], *args: Any) -> Any:
+    async def _in_thread(
+        self, call: Callable[..., Any], *args: Any, then: Callable[[], None] | None = None
+    ) -> Any:
         assert self._io is not None, "the writer runs only between open() and close()"
-        return await self._io.run(call, *args)
+        return await self._io.run(call, *args, then=then)
 
-    def _resolve(self, batch: list[_Item], written: int) -> None:
+    def _resolve(self, batch: list[_Item], written: int | None = None) -> None:
+        """Settle each caller: the first ``written`` (default: all) succeed, the rest fail."""
+        if written is None:
+            written = len(batch)
         for index, (_, _, future) in enumerate(batch):
             if future.done():  # the caller was cancelled; its line is written all the same
                 continue
