@@ -366,6 +366,27 @@ class Sse:
             return response
 
 
+class Gated:
+    """Sends ``first`` in one write, then waits for ``gate`` before ``rest`` (and [DONE]).
+
+    A test sets the gate once its client has seen what ``first`` carries: a sidecar that held
+    back part of ``first`` until more data came would hang such a test instead of passing it.
+    """
+
+    def __init__(self, first: bytes, rest: bytes, *, done: bool = True) -> None:
+        self.first, self.rest, self.done = first, rest, done
+        self.gate = asyncio.Event()
+
+    async def respond(self, request: web.Request, fake: FakeUpstream) -> web.StreamResponse:
+        async with fake.streaming():
+            response = await _start_stream(request)
+            await response.write(self.first)
+            await self.gate.wait()
+            await response.write(self.rest + (b"data: [DONE]\n\n" if self.done else b""))
+            await response.write_eof()
+            return response
+
+
 def ok(content: str = "Hello world", **knobs: Any) -> Ok:
     """A successful answer; ``knobs`` are ``Ok``'s fields (usage, cached_tokens, delay_s, ...)."""
     return Ok(content=content, **knobs)

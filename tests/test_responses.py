@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 from collections.abc import Awaitable, Callable
 from decimal import Decimal
 from typing import Any
 
+import aiohttp
 import openai
 import pytest
 
@@ -14,7 +17,7 @@ from sidecar.billing import Usage
 from sidecar.config import Settings
 
 from .conftest import PRICES, Pair, RunningSidecar, provider
-from .fakes import FakeUpstream, sse, status
+from .fakes import FakeUpstream, Gated, sse, status
 
 MODELS = {"gpt-4o-mini": {"upstream": "up-mini", **PRICES}}
 USAGE = {
@@ -205,3 +208,42 @@ async def test_a_stream_reserves_its_worst_case_against_the_budget_cap(
     assert [e.type async for e in stream][-1] == "response.completed"
     assert sidecar.runtime.budget.day_spent == Decimal(expected_total(Usage(100, 50, 20)))
     assert sidecar.runtime.budget.reserved == 0
+
+
+async def test_stream_events_reach_the_client_as_the_upstream_wrote_them(
+    two: tuple[FakeUpstream, FakeUpstream, RunningSidecar],
+) -> None:
+    """Each event's data is forwarded byte for byte (not re-encoded), under its ``event:`` line."""
+    alpha, _, sidecar = two
+    events = stream_events(["Hel", "lo"])
+    alpha.script(sse(*events, done=False))  # the fake writes json.dumps: spaces, key order kept
+    async with aiohttp.ClientSession() as session:
+        body = {"model": "gpt-4o-mini", "input": "hi", "stream": True}
+        async with session.post(f"{sidecar.base_url}/v1/responses", json=body) as resp:
+            raw = (await resp.read()).decode()
+    blocks = [block.split("\n") for block in raw.split("\n\n") if block]
+    assert [lines[0] for lines in blocks] == [f"event: {event['type']}" for event in events]
+    assert [lines[1] for lines in blocks] == [f"data: {json.dumps(event)}" for event in events]
+
+
+async def test_a_stream_event_followed_by_a_keep_alive_is_not_held_for_the_next_read(
+    two: tuple[FakeUpstream, FakeUpstream, RunningSidecar],
+) -> None:
+    """The upstream sends no more until the client has the first delta: holding it would hang."""
+    alpha, _, sidecar = two
+    events = stream_events(["Hel", "lo"])
+    first = b"".join(f"data: {json.dumps(e)}\n\n".encode() for e in events[:5])
+    rest = b"".join(f"data: {json.dumps(e)}\n\n".encode() for e in events[5:])
+    upstream = Gated(first + b": keep-alive\n\n", rest, done=False)
+    alpha.script(upstream)
+    async with aiohttp.ClientSession() as session:
+        body = {"model": "gpt-4o-mini", "input": "hi", "stream": True}
+        async with session.post(f"{sidecar.base_url}/v1/responses", json=body) as resp:
+            seen = b""
+            async with asyncio.timeout(10):
+                while b'"Hel"' not in seen:
+                    seen += await resp.content.readany()
+            upstream.gate.set()
+            seen += await resp.read()
+    assert seen.count(b"event: response.output_text.delta") == 2
+    assert b"event: response.completed" in seen

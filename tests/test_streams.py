@@ -13,6 +13,7 @@ import pytest
 from .conftest import provider
 from .fakes import (
     FakeUpstream,
+    Gated,
     Sse,
     cut_after_content,
     cut_before_content,
@@ -371,26 +372,6 @@ def _event(chunk: dict[str, Any]) -> bytes:
     return b"data: " + json.dumps(chunk).encode() + b"\n\n"
 
 
-class _Gated:
-    """Sends ``first`` (one write), then waits for ``gate`` before sending ``rest`` and [DONE]."""
-
-    def __init__(self, first: bytes, rest: bytes) -> None:
-        self.first, self.rest = first, rest
-        self.gate = asyncio.Event()
-
-    async def respond(self, request: Any, fake: FakeUpstream) -> Any:
-        from aiohttp import web
-
-        async with fake.streaming():
-            response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-            await response.prepare(request)
-            await response.write(self.first)
-            await self.gate.wait()
-            await response.write(self.rest + b"data: [DONE]\n\n")
-            await response.write_eof()
-            return response
-
-
 async def _http_chunks_until(resp: aiohttp.ClientResponse, marker: bytes) -> list[bytes]:
     """The body's HTTP chunks, as the sidecar wrote them, up to the one that holds ``marker``."""
     chunks: list[bytes] = []
@@ -406,7 +387,7 @@ async def test_events_that_arrive_together_are_forwarded_in_one_write(
 ):
     sidecar, alpha, _ = await pair(start_sidecar, make_settings, fake_upstream)
     together = _event(_content("B")) + _event(_content("C")) + _event(_content("D", "stop"))
-    upstream = _Gated(_event(_content("A")), together)
+    upstream = Gated(_event(_content("A")), together)
     alpha.script(upstream)
     async with aiohttp.ClientSession() as session:
         async with session.post(f"{sidecar.base_url}/v1/chat/completions", json=STREAM) as resp:
@@ -426,7 +407,7 @@ async def test_an_event_followed_by_a_keep_alive_is_not_held_for_the_next_read(
     """The upstream sends no more until the client has the event: holding it would hang."""
     sidecar, alpha, _ = await pair(start_sidecar, make_settings, fake_upstream, idle_timeout_s=30)
     first = _event(_content("A")) + _event(_content("B")) + b": keep-alive\n\n"
-    upstream = _Gated(first, _event(_content("C", "stop")))
+    upstream = Gated(first, _event(_content("C", "stop")))
     alpha.script(upstream)
     async with aiohttp.ClientSession() as session:
         async with session.post(f"{sidecar.base_url}/v1/chat/completions", json=STREAM) as resp:
@@ -435,3 +416,20 @@ async def test_an_event_followed_by_a_keep_alive_is_not_held_for_the_next_read(
             upstream.gate.set()
             rest = await resp.read()
     assert b'"C"' in rest and rest.endswith(b"data: [DONE]\n\n")
+
+
+async def test_an_event_whose_data_spans_several_lines_reaches_the_sdk_whole(
+    start_sidecar, make_settings, fake_upstream
+):
+    """SSE lets one event's data take several ``data:`` lines; each must stay a ``data:`` line."""
+    sidecar, alpha, _ = await pair(start_sidecar, make_settings, fake_upstream)
+    split = (
+        b'data: {"choices":[{"index":0,\n'
+        b'data: "delta":{"content":"B"},"finish_reason":"stop"}]}\n\n'
+    )
+    alpha.script(sse(_content("A"), split))
+    stream = await sidecar.client().chat.completions.create(
+        model="deepseek-v3.2", messages=HI, stream=True
+    )
+    seen = [c.choices[0].delta.content async for c in stream if c.choices]
+    assert seen == ["A", "B"]

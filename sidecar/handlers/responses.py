@@ -6,6 +6,7 @@ point and its usage (the ``response.completed`` event) are handled here.
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from typing import Any
 
 import aiohttp
@@ -54,6 +55,9 @@ async def handle(request: web.Request) -> web.StreamResponse:
         runtime.leave()
 
 
+_Event = tuple[bytes, dict[str, Any]]  # the upstream's data bytes, and what they parse to
+
+
 class _Opened:
     """An upstream stream past its commit point: the events held so far, and the decoder."""
 
@@ -61,14 +65,19 @@ class _Opened:
         self.target = target
         self.response = response
         self.decoder = SSEDecoder()
-        self.held: list[dict[str, Any]] = []
-        self.pending: list[bytes | None] = []
+        self.held: list[_Event] = []
+        self.pending: deque[bytes | None] = deque()
 
-    async def next_event(self, timeout_s: float) -> dict[str, Any] | None:
+    @property
+    def has_buffered(self) -> bool:
+        """True when ``next_event`` can answer from what was already read, without waiting."""
+        return any(payload is not None and payload != b"[DONE]" for payload in self.pending)
+
+    async def next_event(self, timeout_s: float) -> _Event | None:
         """The next event (None at the end of the body); UpstreamError on a stall or cut."""
         while True:
             while self.pending:
-                payload = self.pending.pop(0)
+                payload = self.pending.popleft()
                 if payload is None or payload == b"[DONE]":
                     continue
                 try:
@@ -77,7 +86,7 @@ class _Opened:
                     raise UpstreamError("stream event is not JSON") from None
                 if not isinstance(event, dict):
                     raise UpstreamError("stream event is not a JSON object")
-                return event
+                return payload, event
             try:
                 async with asyncio.timeout(timeout_s):
                     data = await self.response.content.readany()
@@ -135,18 +144,20 @@ async def _until_content(opened: _Opened, timeout_s: float) -> _Opened:
         remaining = deadline - loop.time()
         if remaining <= 0:
             raise UpstreamError(f"no content within {timeout_s:g}s")
-        event = await opened.next_event(remaining)
-        if event is None:
+        got = await opened.next_event(remaining)
+        if got is None:
             raise UpstreamError("stream ended before any content")
+        event = got[1]
         if event.get("type") in ("error", "response.failed"):
             raise UpstreamError("error event before any content")
-        opened.held.append(event)
+        opened.held.append(got)
         if is_content(event):
             return opened
 
 
 async def _forward(request: web.Request, exchange: Exchange, opened: _Opened) -> web.StreamResponse:
-    """Send the held events, then the rest; the ledger line goes out before the last event."""
+    """Send the held events, then the rest, as the upstream wrote them (one write per read);
+    the ledger line goes out before the last event."""
     target = opened.target
     attempts = exchange.trail.attempts
     response = web.StreamResponse(headers=exchange.base_headers(target, len(attempts), "bypass"))
@@ -156,34 +167,37 @@ async def _forward(request: web.Request, exchange: Exchange, opened: _Opened) ->
     idle = exchange.runtime.settings.routing.idle_timeout_s
     try:
         await response.prepare(request)
-        for held in opened.held:
-            await _send_event(response, held, tally, final=False)
+        batch = [_outgoing(payload, event, tally) for payload, event in opened.held]
         outcome = "stream_cut"
         while True:
+            if batch and not opened.has_buffered:
+                await response.write(b"".join(batch))
+                batch.clear()
             try:
-                event = await opened.next_event(idle)
+                got = await opened.next_event(idle)
             except UpstreamError as exc:
                 attempts[-1].reason = exc.reason
                 break
-            if event is None:
+            if got is None:
                 attempts[-1].reason = "stream ended without response.completed"
                 break
-            if event.get("type") in _FINAL:
+            payload, event = got
+            kind = event.get("type")
+            if kind in _FINAL:
                 _see(tally, event)
                 outcome = "ok"
                 await _record(exchange, target, outcome, tally)
-                await _send_event(response, event, tally, final=True)
+                batch.append(_framed(payload, kind))
                 break
-            if event.get("type") in ("error", "response.failed"):
+            batch.append(_outgoing(payload, event, tally))
+            if kind in ("error", "response.failed"):
                 attempts[-1].reason = "error event after content"
-                await _send_event(response, event, tally, final=False)
                 break
-            await _send_event(response, event, tally, final=False)
         opened.response.close()
         if outcome != "ok":
             await _record(exchange, target, outcome, tally)
-            await response.write(_interrupted())
-        await response.write_eof()
+            batch.append(_interrupted())
+        await response.write_eof(b"".join(batch))
     except (ConnectionError, asyncio.CancelledError):
         opened.response.close()
         if not exchange.recorded:
@@ -200,14 +214,15 @@ def _see(tally: StreamTally, event: dict[str, Any]) -> None:
         tally.usage = billing.usage_from_openai(inner.get("usage"))
 
 
-async def _send_event(
-    response: web.StreamResponse, event: dict[str, Any], tally: StreamTally, *, final: bool
-) -> None:
-    if not final:
-        _see(tally, event)
-    kind = event.get("type")
+def _outgoing(payload: bytes, event: dict[str, Any], tally: StreamTally) -> bytes:
+    _see(tally, event)
+    return _framed(payload, event.get("type"))
+
+
+def _framed(payload: bytes, kind: Any) -> bytes:
+    """One SSE event as the client gets it: ``event: <type>`` (as OpenAI sends), then the data."""
     head = f"event: {kind}\n".encode() if isinstance(kind, str) and "\n" not in kind else b""
-    await response.write(head + b"data: " + orjson.dumps(event) + b"\n\n")
+    return head + wire.sse_data(payload)
 
 
 def _interrupted() -> bytes:

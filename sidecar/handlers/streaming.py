@@ -96,7 +96,7 @@ def _outgoing(
             if not chunk.get("choices"):
                 return None
             payload = orjson.dumps({k: v for k, v in chunk.items() if k != "usage"})
-    return b"data: " + payload + b"\n\n"
+    return wire.sse_data(payload)
 
 
 async def _finish_stream(
