@@ -90,29 +90,6 @@ class CachedAnswer:
     upstream_model: str
     size: int
 
-    @classmethod
-    def build(
-        cls,
-        endpoint: str,
-        body: Mapping[str, Any],
-        *,
-        provider: str,
-        region: str,
-        model: str,
-        upstream_model: str,
-    ) -> CachedAnswer:
-        """An answer with ``size`` computed the way the cache accounts it."""
-        raw = orjson.dumps(body)
-        return cls(
-            endpoint,
-            dict(body),
-            provider,
-            region,
-            model,
-            upstream_model,
-            _entry_size(raw, provider, region, model, upstream_model),
-        )
-
 
 @dataclass(frozen=True, slots=True)
 class CacheStats:
@@ -285,18 +262,6 @@ class ResponseCache:
             return self._config.cache_tool_calls and finish in NORMAL_FINISH | TOOL_FINISH
         return finish in NORMAL_FINISH
 
-    def put(self, key: str, answer: CachedAnswer) -> None:
-        """Store ``answer``; one larger than ``max_bytes`` is not stored at all."""
-        self.store(
-            key,
-            answer.endpoint,
-            answer.body,
-            provider=answer.provider,
-            region=answer.region,
-            model=answer.model,
-            upstream_model=answer.upstream_model,
-        )
-
     def store(
         self,
         key: str,
@@ -308,7 +273,7 @@ class ResponseCache:
         model: str,
         upstream_model: str,
     ) -> None:
-        """Like ``put`` for a body not yet wrapped: it is serialized once, here."""
+        """Store ``body`` (serialized once, here); one larger than ``max_bytes`` is not stored."""
         raw = orjson.dumps(body)
         size = _entry_size(raw, provider, region, model, upstream_model)
         if size > self._config.max_bytes:

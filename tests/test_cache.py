@@ -11,7 +11,6 @@ from hypothesis import strategies as st
 
 from sidecar.cache import (
     KEY_DENY_LIST,
-    CachedAnswer,
     Decision,
     Directive,
     ResponseCache,
@@ -51,8 +50,16 @@ def chat_answer(content: str | None = "Hello there.", **extra: Any) -> dict[str,
     }
 
 
-def make_answer(body: dict[str, Any], provider: str = "alpha", region: str = "eu") -> CachedAnswer:
-    return CachedAnswer.build(
+def put(
+    cache: ResponseCache,
+    key: str,
+    body: dict[str, Any],
+    provider: str = "alpha",
+    region: str = "eu",
+) -> None:
+    """Store ``body`` as the handlers do."""
+    cache.store(
+        key,
         CHAT,
         body,
         provider=provider,
@@ -60,6 +67,15 @@ def make_answer(body: dict[str, Any], provider: str = "alpha", region: str = "eu
         model="deepseek-v3.2",
         upstream_model="deepseek-chat",
     )
+
+
+def entry_size(body: dict[str, Any]) -> int:
+    """The bytes the cache accounts ``body`` at, read back from a cache of its own."""
+    cache = make_cache()
+    put(cache, "k", body)
+    entry = cache.peek("k", anywhere)
+    assert entry is not None
+    return entry.size
 
 
 def anywhere(_provider: str, _model: str) -> bool:
@@ -258,7 +274,7 @@ def test_hit_after_put_and_miss_before() -> None:
     cache = make_cache()
     key = cache.key(CHAT, {"model": "m", "temperature": 0}, "s", None)
     assert cache.get(key, anywhere) is None
-    cache.put(key, make_answer(chat_answer()))
+    put(cache, key, chat_answer())
     hit = cache.get(key, anywhere)
     assert hit is not None
     assert hit.body == chat_answer()
@@ -276,7 +292,7 @@ def test_hit_after_put_and_miss_before() -> None:
 def test_peek_reads_without_counting() -> None:
     cache = make_cache()
     assert cache.peek("k", anywhere) is None
-    cache.put("k", make_answer(chat_answer()))
+    put(cache, "k", chat_answer())
     peeked = cache.peek("k", anywhere)
     assert peeked is not None and peeked.body == chat_answer()
     assert cache.peek("k", lambda _p, _m: False) is None
@@ -285,7 +301,7 @@ def test_peek_reads_without_counting() -> None:
 
 def test_a_returned_body_cannot_change_the_stored_one() -> None:
     cache = make_cache()
-    cache.put("k", make_answer(chat_answer("original")))
+    put(cache, "k", chat_answer("original"))
     first = cache.get("k", anywhere)
     assert first is not None
     first.body["choices"][0]["message"]["content"] = "tampered"
@@ -296,7 +312,7 @@ def test_a_returned_body_cannot_change_the_stored_one() -> None:
 
 def test_a_hit_from_a_provider_outside_the_current_bounds_is_a_miss() -> None:
     cache = make_cache()
-    cache.put("k", make_answer(chat_answer(), provider="alpha", region="eu"))
+    put(cache, "k", chat_answer(), provider="alpha", region="eu")
     regions = {"alpha": "eu", "beta": "us"}
 
     def only_us(provider: str, _model: str) -> bool:
@@ -314,12 +330,12 @@ def test_a_hit_from_a_provider_outside_the_current_bounds_is_a_miss() -> None:
 def test_entries_expire_after_ttl() -> None:
     clock = FakeClock()
     cache = make_cache(clock, ttl_s=60)
-    cache.put("k", make_answer(chat_answer()))
+    put(cache, "k", chat_answer())
     clock.now += 59.9
     assert cache.get("k", anywhere) is not None
     clock.now += 0.2
     assert cache.get("k", anywhere) is None
-    cache.put("other", make_answer(chat_answer()))  # an insert purges what expired
+    put(cache, "other", chat_answer())  # an insert purges what expired
     assert cache.stats.entries == 1
 
 
@@ -328,9 +344,9 @@ def test_byte_bound_holds_under_a_flood_of_large_answers() -> None:
     cache = make_cache(max_bytes=max_bytes)
     sizes: dict[str, int] = {}
     for i in range(400):
-        answer = make_answer(chat_answer(f"{i:04d}" + "x" * (1000 + 37 * (i % 50))))
-        cache.put(f"k{i}", answer)
-        sizes[f"k{i}"] = answer.size
+        body = chat_answer(f"{i:04d}" + "x" * (1000 + 37 * (i % 50)))
+        put(cache, f"k{i}", body)
+        sizes[f"k{i}"] = entry_size(body)
         assert cache.stats.bytes <= max_bytes
     stats = cache.stats
     assert stats.evictions > 300
@@ -344,8 +360,8 @@ def test_byte_bound_holds_under_a_flood_of_large_answers() -> None:
 
 def test_an_answer_larger_than_max_bytes_is_not_stored() -> None:
     cache = make_cache(max_bytes=4096)
-    cache.put("small", make_answer(chat_answer("ok")))
-    cache.put("huge", make_answer(chat_answer("x" * 10_000)))
+    put(cache, "small", chat_answer("ok"))
+    put(cache, "huge", chat_answer("x" * 10_000))
     assert cache.get("huge", anywhere) is None
     assert cache.get("small", anywhere) is not None
     assert cache.stats.rejected == 1
@@ -354,17 +370,16 @@ def test_an_answer_larger_than_max_bytes_is_not_stored() -> None:
 
 def test_max_bytes_zero_stores_nothing() -> None:
     cache = make_cache(max_bytes=0)
-    cache.put("k", make_answer(chat_answer()))
+    put(cache, "k", chat_answer())
     assert cache.get("k", anywhere) is None
 
 
 def test_eviction_is_least_recently_used() -> None:
-    one = make_answer(chat_answer("a" * 1000))
-    cache = make_cache(max_bytes=one.size * 3)
+    cache = make_cache(max_bytes=entry_size(chat_answer("a" * 1000)) * 3)
     for key in ("a", "b", "c"):
-        cache.put(key, make_answer(chat_answer(key * 1000)))
+        put(cache, key, chat_answer(key * 1000))
     assert cache.get("a", anywhere) is not None  # "a" is now the most recently used
-    cache.put("d", make_answer(chat_answer("d" * 1000)))
+    put(cache, "d", chat_answer("d" * 1000))
     assert cache.get("b", anywhere) is None
     assert cache.get("a", anywhere) is not None
     assert cache.stats.evictions == 1
@@ -449,7 +464,7 @@ def test_an_answer_assembled_from_a_stream_serves_a_non_stream_request() -> None
         assembler.feed({**base, "choices": choices, "usage": usage})
     body = assembler.complete()
     assert body is not None and cache.storable(body)
-    cache.put(cache.key(CHAT, streamed, "s", None), make_answer(body))
+    put(cache, cache.key(CHAT, streamed, "s", None), body)
     hit = cache.get(cache.key(CHAT, plain, "s", None), anywhere)
     assert hit is not None
     assert hit.body["choices"][0]["message"]["content"] == "Hi"
