@@ -11,6 +11,7 @@ from typing import Any
 
 import orjson
 import pytest
+import uvloop
 
 from sidecar.config import LedgerConfig
 from sidecar.errors import LedgerUnavailable
@@ -137,6 +138,31 @@ async def test_fsync_policies(make_ledger: Callable[..., Ledger], tmp_path: Path
     await ledger.open()
     await ledger.append(record(9))
     await wait_until(lambda: interval.fsyncs >= 1)
+
+
+def test_the_chain_holds_when_appends_meet_the_fsync_timer(tmp_path: Path) -> None:
+    """Under uvloop (as the daemon runs) the interval fsync's timer can fire in the very turn
+    an append wakes the parked writer; whichever wins, the chain must follow the file."""
+    seams = Seams()
+    config = LedgerConfig(path=tmp_path / "ledger.jsonl", fsync="interval", fsync_interval_ms=1)
+    ledger = Ledger(config, clock=fixed_clock, write=seams.write, fsync=seams.fsync)
+
+    async def waves() -> int:
+        await ledger.open()
+        n = 0
+        try:
+            for wave in range(300):
+                await asyncio.gather(*(ledger.append(record(n + i)) for i in range(1 + wave % 3)))
+                n += 1 + wave % 3
+                await asyncio.sleep((wave % 4) * 0.0005)
+        finally:
+            await ledger.close()
+        return n
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        n = runner.run(waves())
+    assert [r["request_id"] for r in read_chain(ledger.path)] == [f"req-{i}" for i in range(n)]
+    assert seams.fsyncs > 0
 
 
 async def test_torn_tail_is_moved_aside_and_chain_goes_on(
