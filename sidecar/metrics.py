@@ -15,6 +15,7 @@ import math
 from bisect import bisect_left
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from decimal import Decimal
+from typing import Generic, TypeVar
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
@@ -68,38 +69,44 @@ class Buckets:
         self.sum += value
 
 
-class _Family:
-    """One metric name; its children (one per label-value tuple) are made by ``_child``."""
+Child = TypeVar("Child", Value, Buckets)
+
+
+class _Family(Generic[Child]):
+    """One metric name and its children, one per label-value tuple (made by ``_new_child``)."""
 
     kind = ""
 
     def __init__(self, name: str, documentation: str, labelnames: Sequence[str] = ()) -> None:
         self.name, self.documentation = name, documentation
         self.labelnames = tuple(labelnames)
+        self.children: dict[tuple[str, ...], Child] = {}
+        if not labelnames:
+            self.labels()  # shows 0 before its first change
 
-    def _check(self, values: tuple[str, ...]) -> None:
-        if len(values) != len(self.labelnames):
-            raise ValueError(f"{self.name} takes labels {self.labelnames}")
+    def labels(self, *values: str) -> Child:
+        child = self.children.get(values)
+        if child is None:
+            if len(values) != len(self.labelnames):
+                raise ValueError(f"{self.name} takes labels {self.labelnames}")
+            child = self.children[values] = self._new_child()
+        return child
+
+    def _new_child(self) -> Child:
+        raise NotImplementedError
 
 
-class Scalars(_Family):
+class Scalars(_Family[Value]):
     """A counter or a gauge family (``kind``); label-less ones are used directly."""
 
     def __init__(
         self, kind: str, name: str, documentation: str, labelnames: Sequence[str] = ()
     ) -> None:
-        super().__init__(name, documentation, labelnames)
         self.kind = kind
-        self.children: dict[tuple[str, ...], Value] = {}
-        if not labelnames:
-            self.labels()  # shows 0 before its first change
+        super().__init__(name, documentation, labelnames)
 
-    def labels(self, *values: str) -> Value:
-        child = self.children.get(values)
-        if child is None:
-            self._check(values)
-            child = self.children[values] = Value()
-        return child
+    def _new_child(self) -> Value:
+        return Value()
 
     def clear(self) -> None:
         self.children.clear()
@@ -125,7 +132,7 @@ class Scalars(_Family):
         return family
 
 
-class Histograms(_Family):
+class Histograms(_Family[Buckets]):
     kind = "histogram"
 
     def __init__(
@@ -136,19 +143,12 @@ class Histograms(_Family):
         *,
         buckets: Sequence[float],
     ) -> None:
-        super().__init__(name, documentation, labelnames)
         self.bounds = tuple(float(b) for b in buckets)
         self._le = [_go_float(b) for b in (*self.bounds, math.inf)]
-        self.children: dict[tuple[str, ...], Buckets] = {}
-        if not labelnames:
-            self.labels()
+        super().__init__(name, documentation, labelnames)
 
-    def labels(self, *values: str) -> Buckets:
-        child = self.children.get(values)
-        if child is None:
-            self._check(values)
-            child = self.children[values] = Buckets(self.bounds)
-        return child
+    def _new_child(self) -> Buckets:
+        return Buckets(self.bounds)
 
     def observe(self, value: float) -> None:
         self.labels().observe(value)
