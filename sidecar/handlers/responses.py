@@ -182,14 +182,12 @@ async def _forward(request: web.Request, exchange: Exchange, opened: _Opened) ->
                 attempts[-1].reason = "stream ended without response.completed"
                 break
             payload, event = got
+            batch.append(_outgoing(payload, event, tally))  # sent after the line, if it is last
             kind = event.get("type")
             if kind in _FINAL:
-                _see(tally, event)
                 outcome = "ok"
                 await _record(exchange, target, outcome, tally)
-                batch.append(_framed(payload, kind))
                 break
-            batch.append(_outgoing(payload, event, tally))
             if kind in ("error", "response.failed"):
                 attempts[-1].reason = "error event after content"
                 break
@@ -215,12 +213,9 @@ def _see(tally: StreamTally, event: dict[str, Any]) -> None:
 
 
 def _outgoing(payload: bytes, event: dict[str, Any], tally: StreamTally) -> bytes:
-    _see(tally, event)
-    return _framed(payload, event.get("type"))
-
-
-def _framed(payload: bytes, kind: Any) -> bytes:
     """One SSE event as the client gets it: ``event: <type>`` (as OpenAI sends), then the data."""
+    _see(tally, event)
+    kind = event.get("type")
     head = f"event: {kind}\n".encode() if isinstance(kind, str) and "\n" not in kind else b""
     return head + wire.sse_data(payload)
 
