@@ -1,4 +1,4 @@
-"""The append-only cost ledger: one writer task, a SHA-256 hash chain, fsync policy, rotation.
+"""The append-only cost ledger: one I/O thread, a SHA-256 hash chain, fsync policy, rotation.
 
 Every record is one JSON line whose ``prev`` is the SHA-256 (hex) of the previous line's bytes,
 newline included. Handlers call ``append()``; it returns once the line is written to the OS (and
@@ -6,10 +6,11 @@ fsynced under ``fsync = "always"``), so a handler that awaits it before sending 
 never delivers an unrecorded answer, even under SIGKILL.
 
 Lines queued while a write or fsync runs go out together in the next write (group commit), and
-every write, fsync and rename runs in a worker thread, never on the event loop. A write or fsync
-error makes the ledger unavailable (handlers answer 503 ``ledger_unavailable``) until the file
-can be written again: the writer reopens it, repairs its tail and probes the disk every
-``retry_s``.
+every write, fsync and rename runs on one I/O thread, never on the event loop. Under
+``fsync = "interval"`` the fsync that comes due goes with the next write, so steady load cannot
+put it off. A write or fsync error makes the ledger unavailable (handlers answer 503
+``ledger_unavailable``) until the file can be written again: the ledger reopens it, repairs its
+tail and probes the disk every ``retry_s``.
 
 After a rotation, the rotated file's summary (``ledger_summary``) is written by a task of its
 own in a worker thread, so appends never wait for it; failing to write one is only a warning.
@@ -152,7 +153,7 @@ class LedgerLocked(Exception):
 
 
 class _WriteFailed(Exception):
-    def __init__(self, written: int, cause: OSError) -> None:
+    def __init__(self, written: int, cause: BaseException) -> None:
         super().__init__(written, cause)
         self.written = written
         self.cause = cause
@@ -160,28 +161,28 @@ class _WriteFailed(Exception):
 
 # A queued line: its ``ts``, its fields as JSON without the braces, and who waits for it.
 _Item = tuple[bytes, bytes, "asyncio.Future[None]"]
+# Called on the loop with what a blocking call returned, or what it raised.
+_Done = Callable[[Any, BaseException | None], None]
 
 
 class _IoThread:
-    """One thread that runs the writer's blocking calls in order.
+    """One thread that runs the ledger's blocking calls in order and hands each outcome back to
+    the loop: a queue put, and one wake-up of the loop per call, where ``asyncio.to_thread`` also
+    copies the context and chains two futures."""
 
-    A group commit hands its write to this thread and back: a queue put, and one wake-up of the
-    loop when it is done, where ``asyncio.to_thread`` also copies the context and chains two
-    futures for every call.
-    """
-
-    def __init__(self) -> None:
-        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._jobs: queue.SimpleQueue[tuple[Callable[..., Any], tuple[Any, ...], _Done] | None]
+        self._jobs = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._serve, name="ledger-io", daemon=True)
         self._thread.start()
 
-    async def run(
-        self, call: Callable[..., Any], *args: Any, then: Callable[[], None] | None = None
-    ) -> Any:
-        """``call(*args)`` on the thread; ``then()`` runs on the loop as soon as it succeeded,
-        in the same callback that wakes the caller (one loop turn sooner than the caller)."""
-        future = asyncio.get_running_loop().create_future()
-        self._jobs.put((future, call, args, then))
+    def submit(self, call: Callable[..., Any], args: tuple[Any, ...], done: _Done) -> None:
+        self._jobs.put((call, args, done))
+
+    async def run(self, call: Callable[..., Any], *args: Any) -> Any:
+        future = self._loop.create_future()
+        self.submit(call, args, partial(_settle, future))
         return await future
 
     async def stop(self) -> None:
@@ -190,28 +191,18 @@ class _IoThread:
 
     def _serve(self) -> None:
         while (job := self._jobs.get()) is not None:
-            future, call, args, then = job
+            call, args, done = job
             try:
                 outcome: tuple[Any, BaseException | None] = (call(*args), None)
-            except BaseException as exc:  # handed to the awaiting task, as to_thread would
+            except BaseException as exc:  # handed to the loop, as to_thread would
                 outcome = (None, exc)
             try:
-                future.get_loop().call_soon_threadsafe(_settle, future, then, *outcome)
+                self._loop.call_soon_threadsafe(done, *outcome)
             except RuntimeError:  # the loop is closed: nobody waits any more
                 pass
 
 
-_Job = tuple["asyncio.Future[Any]", Callable[..., Any], tuple[Any, ...], Callable[[], None] | None]
-
-
-def _settle(
-    future: asyncio.Future[Any],
-    then: Callable[[], None] | None,
-    result: Any,
-    error: BaseException | None,
-) -> None:
-    if error is None and then is not None:
-        then()
+def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
     if future.cancelled():
         return
     if error is not None:
@@ -221,7 +212,13 @@ def _settle(
 
 
 class Ledger:
-    """The single writer of one ledger file (and its rotated predecessors)."""
+    """The single writer of one ledger file (and its rotated predecessors).
+
+    There is no writer task: ``append()`` hands the queued lines to the I/O thread when nothing
+    runs there, and each job's completion, on the loop, settles its callers and starts the next
+    job. At most one job (a write, an fsync, a recovery) runs at a time, so whenever none runs
+    the queue is empty.
+    """
 
     def __init__(
         self,
@@ -245,10 +242,14 @@ class Ledger:
         self._observe = observe
         self._on_failure = on_failure
         self._pending: list[_Item] = []
-        self._wakeup: asyncio.Future[None] | None = None  # the idle writer waits on it
-        self._task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._io: _IoThread | None = None
-        self._rotated: list[Path] = []  # rotated by the writer thread, not yet summarized
+        self._busy = False  # a job runs on the I/O thread
+        self._sync_due = False  # the interval fsync goes with the next job
+        self._sync_timer: asyncio.TimerHandle | None = None
+        self._retry_timer: asyncio.TimerHandle | None = None
+        self._drained: asyncio.Future[None] | None = None  # close() waits on it
+        self._rotated: list[Path] = []  # rotated by the I/O thread, not yet summarized
         self._summaries: set[asyncio.Task[None]] = set()
         self._closing = False
         self._fd = -1
@@ -274,22 +275,25 @@ class Ledger:
         return self._last_hash
 
     async def open(self) -> None:
-        """Take the lock, repair a torn tail, find the chain's head and start the writer."""
+        """Take the lock, repair a torn tail, find the chain's head and start the I/O thread."""
         await asyncio.to_thread(self._open_sync)
-        self._io = _IoThread()
+        self._loop = asyncio.get_running_loop()
+        self._io = _IoThread(self._loop)
         self._available = True
-        self._last_sync = asyncio.get_running_loop().time()
-        self._task = asyncio.create_task(self._run(), name="ledger-writer")
+        self._last_sync = self._loop.time()
 
     async def close(self) -> None:
         """Write what is queued, fsync, close the file and release the lock."""
-        if self._task is None or self._closing:
+        if self._io is None or self._closing:
             return
         self._closing = True
-        self._wake_writer()
-        await self._task
-        await self._in_thread(self._close_sync)
-        assert self._io is not None
+        if self._busy:
+            self._drained = asyncio.get_running_loop().create_future()
+            await self._drained
+        for timer in (self._sync_timer, self._retry_timer):
+            if timer is not None:
+                timer.cancel()
+        await self._io.run(self._close_sync)
         await self._io.stop()
         # A summary being written finishes (asyncio.run would wait for its thread anyway).
         await asyncio.gather(*self._summaries)
@@ -297,83 +301,126 @@ class Ledger:
     async def append(self, record: Mapping[str, Any]) -> None:
         """Append ``record`` as a line that starts with ``v`` and ``ts`` and ends with ``prev``
         (so ``record`` holds none of those three); see the module docstring."""
-        if self._task is None or self._closing:
+        if self._loop is None or self._closing:
             raise LedgerUnavailable("the ledger is not open; requests are refused until it is")
         if not record:
             raise ValueError("a ledger record needs at least one field")
         body = orjson.dumps(record, default=_json_default)
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[None] = self._loop.create_future()
         self._pending.append((self._stamp().encode(), body[1:-1], future))
-        self._wake_writer()
+        if not self._busy:
+            self._start_next()
         await future
 
-    def _wake_writer(self) -> None:
-        wakeup = self._wakeup
-        if wakeup is not None and not wakeup.done():
-            wakeup.set_result(None)
+    # -- jobs: started on the loop, run on the I/O thread, completed on the loop -------------
 
-    # -- the writer task ------------------------------------------------------------------
-
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            if not self._pending:
-                if self._closing:
-                    return
-                wait_s = self._wait_s()
-                self._wakeup = loop.create_future()
-                try:
-                    if wait_s is None:
-                        await self._wakeup
-                    else:
-                        async with asyncio.timeout(wait_s):  # no task per wait, unlike wait_for
-                            await self._wakeup
-                except TimeoutError:
-                    await self._tick()
-                    continue
-                finally:
-                    self._wakeup = None
+    def _start_next(self) -> None:
+        """Start the next job, if there is one: the queued lines (with the fsync, if one is
+        due), a due fsync alone, or, while the file is unavailable, a reopen for queued lines."""
+        assert self._io is not None and not self._busy
+        if not self._available:
+            if self._pending:
+                self._busy = True
+                self._io.submit(self._recover_sync, (False,), self._reopened)
+        elif self._pending:
             batch, self._pending = self._pending, []
-            if batch:
-                await self._commit(batch)
+            lines, head = self._chain(batch)
+            sync = self._sync_due or self._config.fsync == "always"
+            done = partial(self._written, batch, head, sync, self._now())
+            self._busy = True
+            self._io.submit(self._write_sync, (lines, sync), done)
+        elif self._sync_due:
+            if self._dirty:
+                self._busy = True
+                self._io.submit(self._sync_sync, (), self._synced)
+            else:
+                self._sync_due = False
 
-    def _wait_s(self) -> float | None:
-        now = asyncio.get_running_loop().time()
-        if not self._available:
-            return max(0.0, self._failed_at + self._retry_s - now)
-        if self._config.fsync == "interval" and self._dirty:
-            return max(0.0, self._last_sync + self._config.fsync_interval_ms / 1000 - now)
-        return None
+    def _finished(self) -> None:
+        """A job is done: arm the timers, start the next job, or let close() go on."""
+        self._busy = False
+        self._summarize_rotated()
+        if not self._closing:
+            self._arm_timers()
+        self._start_next()
+        if not self._busy and self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
 
-    async def _tick(self) -> None:
-        if not self._available:
-            await self._try_recover(probe=True)
-        elif self._dirty:
-            try:
-                await self._in_thread(self._sync_sync)
-            except OSError as exc:
-                self._fail(exc)
-            self._last_sync = asyncio.get_running_loop().time()
-
-    async def _commit(self, batch: list[_Item]) -> None:
-        if not self._available and not await self._try_recover(probe=False):
-            self._resolve(batch, 0)
-            return
-        lines, head = self._chain(batch)
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        try:
-            # The batch's callers wake in the same loop turn as this task, not one turn later.
-            await self._in_thread(self._write_sync, lines, then=partial(self._resolve, batch))
-        except _WriteFailed as failed:
+    def _written(
+        self,
+        batch: list[_Item],
+        head: str,
+        synced: bool,
+        started: float,
+        _result: object,
+        error: BaseException | None,
+    ) -> None:
+        if error is None:
+            self._resolve(batch)
+            self._last_hash = head
+            if synced:
+                self._sync_due = False
+                self._last_sync = self._now()
+            if self._observe is not None:
+                self._observe(self._now() - started)
+        else:
+            failed = error if isinstance(error, _WriteFailed) else _WriteFailed(0, error)
             self._fail(failed.cause)
             self._resolve(batch, failed.written)
+        self._finished()
+
+    def _synced(self, _result: object, error: BaseException | None) -> None:
+        if error is not None:
+            self._fail(error)
+        self._sync_due = False
+        self._last_sync = self._now()
+        self._finished()
+
+    def _reopened(self, _result: object, error: BaseException | None) -> None:
+        """A reopen (for queued lines) or a probe (on the retry timer) is done; if it failed,
+        the lines queued meanwhile fail with it."""
+        if error is None:
+            self._available = True
+            self._last_sync = self._now()
+            self._log.info("ledger_available", path=str(self._path))
+        else:
+            self._fail(error)
+            batch, self._pending = self._pending, []
+            self._resolve(batch, 0)
+        self._finished()
+
+    def _arm_timers(self) -> None:
+        loop = self._loop
+        assert loop is not None
+        if not self._available:
+            if self._retry_timer is None:
+                self._retry_timer = loop.call_at(self._failed_at + self._retry_s, self._retry)
+        elif (
+            self._config.fsync == "interval"
+            and self._dirty
+            and self._sync_timer is None
+            and not self._sync_due
+        ):
+            due = self._last_sync + self._config.fsync_interval_ms / 1000
+            self._sync_timer = loop.call_at(due, self._sync_now)
+
+    def _sync_now(self) -> None:
+        self._sync_timer = None
+        self._sync_due = True
+        if not self._busy and not self._closing:
+            self._start_next()
+
+    def _retry(self) -> None:
+        self._retry_timer = None
+        if self._busy or self._available or self._closing:  # a running job re-arms it
             return
-        finally:
-            self._summarize_rotated()
-        self._last_hash = head
-        if self._observe is not None:
-            self._observe(loop.time() - started)
+        assert self._io is not None
+        self._busy = True
+        self._io.submit(self._recover_sync, (True,), self._reopened)
+
+    def _now(self) -> float:
+        assert self._loop is not None
+        return self._loop.time()
 
     def _chain(self, batch: list[_Item]) -> tuple[list[bytes], str]:
         head = self._last_hash
@@ -397,12 +444,6 @@ class Ledger:
         except Exception as exc:  # a summary only spares `usage` a read; never a ledger failure
             self._log.warning("ledger_summary_failed", path=str(file), error=str(exc))
 
-    async def _in_thread(
-        self, call: Callable[..., Any], *args: Any, then: Callable[[], None] | None = None
-    ) -> Any:
-        assert self._io is not None, "the writer runs only between open() and close()"
-        return await self._io.run(call, *args, then=then)
-
     def _resolve(self, batch: list[_Item], written: int | None = None) -> None:
         """Settle each caller: the first ``written`` (default: all) succeed, the rest fail."""
         if written is None:
@@ -420,24 +461,13 @@ class Ledger:
                     )
                 )
 
-    def _fail(self, exc: OSError) -> None:
+    def _fail(self, exc: BaseException) -> None:
         if self._on_failure is not None:
             self._on_failure()
         if self._available:
             self._log.error("ledger_unavailable", path=str(self._path), error=str(exc))
         self._available = False
-        self._failed_at = asyncio.get_running_loop().time()
-
-    async def _try_recover(self, *, probe: bool) -> bool:
-        try:
-            await self._in_thread(self._recover_sync, probe)
-        except OSError as exc:
-            self._fail(exc)
-            return False
-        self._available = True
-        self._last_sync = asyncio.get_running_loop().time()
-        self._log.info("ledger_available", path=str(self._path))
-        return True
+        self._failed_at = self._now()
 
     # -- blocking parts, run in a worker thread ---------------------------------------------
 
@@ -504,7 +534,7 @@ class Ledger:
             os.close(fd)
         return line_hash(last) if last is not None else GENESIS
 
-    def _write_sync(self, lines: list[bytes]) -> None:
+    def _write_sync(self, lines: list[bytes], sync: bool) -> None:
         written = 0
         group: list[bytes] = []
         pending = 0
@@ -519,7 +549,7 @@ class Ledger:
                 group.append(line)
                 pending += len(line)
             self._write_group(b"".join(group))
-            if self._config.fsync == "always":
+            if sync:
                 self._sync_sync()
         except OSError as exc:
             raise _WriteFailed(written, exc) from exc

@@ -140,6 +140,28 @@ async def test_fsync_policies(make_ledger: Callable[..., Ledger], tmp_path: Path
     await wait_until(lambda: interval.fsyncs >= 1)
 
 
+async def test_interval_fsync_happens_while_appends_never_stop(
+    make_ledger: Callable[..., Ledger],
+) -> None:
+    """Under steady load the queue is never empty; the interval fsync must still come due."""
+    seams = Seams()
+    ledger = make_ledger(fsync="interval", fsync_interval_ms=20, seams=seams)
+    await ledger.open()
+    loop = asyncio.get_running_loop()
+    stop_at = loop.time() + 0.3
+
+    async def appender(worker: int) -> None:
+        n = 0
+        while loop.time() < stop_at:
+            await ledger.append(record(worker * 100_000 + n))
+            n += 1
+
+    await asyncio.gather(*(appender(w) for w in range(8)))
+    assert seams.fsyncs >= 3, f"{seams.fsyncs} fsyncs in 300 ms of appends at a 20 ms interval"
+    await ledger.close()
+    assert len(read_chain(ledger.path)) > 8
+
+
 def test_the_chain_holds_when_appends_meet_the_fsync_timer(tmp_path: Path) -> None:
     """Under uvloop (as the daemon runs) the interval fsync's timer can fire in the very turn
     an append wakes the parked writer; whichever wins, the chain must follow the file."""
