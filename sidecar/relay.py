@@ -104,7 +104,7 @@ class OpenStream:
     attempts: list[Attempt]
     idle_timeout_s: float
     decoder: SSEDecoder
-    pending: deque[bytes | None] = field(default_factory=deque)
+    pending: deque[bytes] = field(default_factory=deque)
     done: bool = False
     touched: float = field(default_factory=time.monotonic)
     timed_out: bool = False
@@ -116,10 +116,8 @@ class OpenStream:
         Raises UpstreamError when the upstream stalls past the idle timeout or cuts the stream.
         """
         while True:
-            while self.pending:
-                payload = self.pending.popleft()
-                if payload is not None:  # comments and keep-alives carry no data
-                    return payload
+            if self.pending:
+                return self.pending.popleft()
             try:
                 data = await self.response.content.readany()
             except (aiohttp.ClientError, ConnectionError) as exc:
@@ -138,7 +136,7 @@ class OpenStream:
     @property
     def has_buffered(self) -> bool:
         """True when ``next_payload`` can answer from events already read, without waiting."""
-        return any(payload is not None for payload in self.pending)
+        return bool(self.pending)
 
     def _cut_reason(self, exc: BaseException | None) -> str:
         if self.timed_out:
@@ -354,8 +352,6 @@ class Relay:
                     raise UpstreamError("stream is not SSE")
                 continue
             payload = stream.pending.popleft()
-            if payload is None:
-                continue
             chunk = _chunk_before_content(payload)
             stream.held.append((payload, chunk))
             if has_content(chunk):

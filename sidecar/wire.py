@@ -131,19 +131,23 @@ class SSEDecoder:
     def __init__(self) -> None:
         self._buffer = b""
 
-    def feed(self, data: bytes) -> list[bytes | None]:
-        """Each complete event's data payload (None for an event without data), in order."""
+    def feed(self, data: bytes) -> list[bytes]:
+        """Each complete event's data payload, in order; events without data (comments,
+        keep-alives) yield nothing."""
         buffer = self._buffer + data if self._buffer else data
         if buffer.find(b"\r") >= 0:  # not ``in``: see Redactor.may_leak
             buffer = buffer.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         end = buffer.find(b"\n\n")
         if end >= 0 and end == len(buffer) - 2:  # one whole event, as most reads bring
             self._buffer = b""
-            return [_event_data(buffer[:end])]
-        events: list[bytes | None] = []
+            payload = _event_data(buffer[:end])
+            return [payload] if payload is not None else []
+        events: list[bytes] = []
         start = 0
         while end >= 0:
-            events.append(_event_data(buffer[start:end]))
+            payload = _event_data(buffer[start:end])
+            if payload is not None:
+                events.append(payload)
             start = end + 2
             end = buffer.find(b"\n\n", start)
         self._buffer = buffer[start:]

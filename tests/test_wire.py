@@ -9,12 +9,12 @@ from sidecar.wire import SSEDecoder
 STREAM = (
     b'data: {"a":1}\n\n: keep-alive\n\nevent: message\ndata: {"b":\ndata: 2}\n\ndata: [DONE]\n\n'
 )
-EVENTS = [b'{"a":1}', None, b'{"b":\n2}', b"[DONE]"]
+EVENTS = [b'{"a":1}', b'{"b":\n2}', b"[DONE]"]  # the keep-alive carries no data: no event
 
 
-def decode(reads: list[bytes]) -> list[bytes | None]:
+def decode(reads: list[bytes]) -> list[bytes]:
     decoder = SSEDecoder()
-    events: list[bytes | None] = []
+    events: list[bytes] = []
     for data in reads:
         events.extend(decoder.feed(data))
     assert decoder.pending == b""
@@ -44,3 +44,10 @@ def test_an_unfinished_event_stays_pending() -> None:
     assert decoder.feed(b'data: {"a":1}\n\ndata: {"b"') == [b'{"a":1}']
     assert decoder.pending == b'data: {"b"'
     assert decoder.feed(b":2}\n\n") == [b'{"b":2}']
+
+
+def test_a_read_of_keep_alives_yields_no_event() -> None:
+    decoder = SSEDecoder()
+    assert decoder.feed(b": keep-alive\n\n") == []
+    assert decoder.feed(b": ping\n\n: ping\n\n") == []
+    assert decoder.feed(b': ping\n\ndata: {"a":1}\n\n') == [b'{"a":1}']

@@ -66,19 +66,19 @@ class _Opened:
         self.response = response
         self.decoder = SSEDecoder()
         self.held: list[_Event] = []
-        self.pending: deque[bytes | None] = deque()
+        self.pending: deque[bytes] = deque()
 
     @property
     def has_buffered(self) -> bool:
         """True when ``next_event`` can answer from what was already read, without waiting."""
-        return any(payload is not None and payload != b"[DONE]" for payload in self.pending)
+        return any(payload != b"[DONE]" for payload in self.pending)
 
     async def next_event(self, timeout_s: float) -> _Event | None:
         """The next event (None at the end of the body); UpstreamError on a stall or cut."""
         while True:
             while self.pending:
                 payload = self.pending.popleft()
-                if payload is None or payload == b"[DONE]":
+                if payload == b"[DONE]":
                     continue
                 try:
                     event = orjson.loads(payload)
