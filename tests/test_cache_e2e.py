@@ -90,6 +90,10 @@ async def test_deterministic_repeat_is_a_hit_with_the_same_answer(
     assert second.headers["X-TokenHub-Cost-USD"] == "0"
     assert second.parse().choices[0].message.content == "Four, exactly"
     assert chat_calls(fake) == 1
+    paid, hit = sidecar.ledger_lines()
+    assert Decimal(first.headers["X-TokenHub-Cost-USD"]) > 0
+    assert first.headers["X-TokenHub-Cost-USD"] == paid["total_usd"]
+    assert hit["total_usd"] == "0" and hit["saved_usd"] == paid["total_usd"]
 
 
 @pytest.mark.parametrize(

@@ -184,11 +184,13 @@ async def record(
     saved: Decimal | None = None,
     estimated: Decimal | None = None,
     billable: bool | None = None,
-) -> None:
-    """Write the request's one ledger line; ``billable`` defaults to ``outcome == "ok"`` (a video
+) -> str:
+    """Write the request's one ledger line and return its ``total_usd`` (the
+    ``X-TokenHub-Cost-USD`` header). ``billable`` defaults to ``outcome == "ok"`` (a video
     create or poll is ``ok`` yet unbilled: only the response showing the job completed bills)."""
     runtime = exchange.runtime
     exchange.recorded = True
+    fees = cost.ledger_fields()
     record: dict[str, Any] = {
         "request_id": exchange.info.request_id,
         "endpoint": exchange.surface.endpoint,
@@ -204,9 +206,7 @@ async def record(
         "attempts": [a.ledger_fields() for a in attempts],
         "usage": usage.ledger_fields(),
         "usage_source": usage_source,
-        "model_fee_usd": billing.usd(cost.model_fee),
-        "service_fee_usd": billing.usd(cost.service_fee),
-        "total_usd": billing.usd(cost.total),
+        **fees,
         "saved_usd": billing.usd(saved) if saved else "0",
         "latency_ms": int((time.monotonic() - exchange.started) * 1000),
     }
@@ -217,6 +217,7 @@ async def record(
     runtime.metrics.add_spend(target.provider, target.model, cost.total)
     if saved:
         runtime.metrics.add_saved(target.model, saved)
+    return fees["total_usd"]
 
 
 def attempt_outcome(attempt: Attempt) -> str:

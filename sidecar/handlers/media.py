@@ -203,10 +203,10 @@ async def respond_reply(exchange: Exchange, reply: Reply, meter: Metering) -> we
         outcome = "ok"
         exchange.spent = cost.total
     attempts = exchange.trail.attempts
-    await record(exchange, target, attempts, reply.status, outcome, usage, source, cost)
+    total_usd = await record(exchange, target, attempts, reply.status, outcome, usage, source, cost)
     headers = exchange.base_headers(target, len(attempts), "bypass")
     if not reply.passed_back:
-        headers["X-TokenHub-Cost-USD"] = billing.usd(cost.total)
+        headers["X-TokenHub-Cost-USD"] = total_usd
     exchange.info.status = reply.status
     return web.Response(
         status=reply.status,

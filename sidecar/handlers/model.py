@@ -206,7 +206,7 @@ async def _respond_answer(exchange: Exchange, answer: Answer) -> web.Response:
         outcome = "ok"
         cost = billing.cost(usage or Usage(), answer.target.spec, exchange.runtime.fee_rate)
         exchange.spent = cost.total
-    await record(
+    total_usd = await record(
         exchange,
         answer.target,
         answer.attempts,
@@ -218,7 +218,7 @@ async def _respond_answer(exchange: Exchange, answer: Answer) -> web.Response:
     )
     headers = exchange.base_headers(answer.target, len(answer.attempts), exchange.cache_header)
     if not answer.passed_back:
-        headers["X-TokenHub-Cost-USD"] = billing.usd(cost.total)
+        headers["X-TokenHub-Cost-USD"] = total_usd
         if answer.body is not None:
             store_answer(exchange, answer.target, answer.body)
     exchange.info.status = answer.status
