@@ -312,8 +312,7 @@ class Relay:
             response.close()
             self._fail(trail, response.status, "stream is not SSE")
             return None
-        decoder = SSEDecoder()
-        stream = OpenStream(target, response, [], trail.attempts, self._idle_timeout_s, decoder)
+        stream = self.reader(target, response, trail.attempts)
         try:
             # One deadline for the whole phase before content, not one timer per read.
             async with asyncio.timeout(self._first_token_timeout_s):
@@ -332,10 +331,21 @@ class Relay:
             raise
         trail.end(response.status, "ok")
         self._health.record_success(target.provider)
+        self.watch_idle(stream)
+        return stream
+
+    def reader(
+        self, target: Target, response: aiohttp.ClientResponse, attempts: list[Attempt]
+    ) -> OpenStream:
+        """An ``OpenStream`` over an SSE response, not yet on the idle clock (the Responses
+        handler, which finds its own commit point, reads its streams through one too)."""
+        return OpenStream(target, response, [], attempts, self._idle_timeout_s, SSEDecoder())
+
+    def watch_idle(self, stream: OpenStream) -> None:
+        """Past the commit point: the stream is cut once it sends nothing for the idle timeout."""
         stream.touched = time.monotonic()
         stream.watch = self._idle_watch
         self._idle_watch.watch(stream)
-        return stream
 
     async def _hold_until_content(self, stream: OpenStream) -> None:
         """Read and hold role-only and empty chunks until one carries content."""

@@ -247,3 +247,30 @@ async def test_a_stream_event_followed_by_a_keep_alive_is_not_held_for_the_next_
             seen += await resp.read()
     assert seen.count(b"event: response.output_text.delta") == 2
     assert b"event: response.completed" in seen
+
+
+async def test_a_stream_that_stalls_after_content_is_cut_on_the_relays_idle_clock(
+    fake_upstream: Callable[..., Awaitable[FakeUpstream]],
+    make_settings: Callable[..., Settings],
+    start_sidecar: Callable[[Settings], Awaitable[RunningSidecar]],
+) -> None:
+    alpha = await fake_upstream()
+    settings = make_settings(
+        [provider("alpha", alpha.url, "eu", models=MODELS)], routing={"idle_timeout_s": 0.3}
+    )
+    sidecar = await start_sidecar(settings)
+    events = stream_events(["Hel", "lo"])
+    first = b"".join(f"data: {json.dumps(e)}\n\n".encode() for e in events[:5])
+    upstream = Gated(first, b"", done=False)  # content, then nothing: the gate is never opened
+    alpha.script(upstream)
+    stream = await sidecar.client().responses.create(model="gpt-4o-mini", input="hi", stream=True)
+    seen = []
+    with pytest.raises(openai.APIError, match="interrupted"):
+        async with asyncio.timeout(10):
+            async for event in stream:
+                seen.append(event.type)
+    upstream.gate.set()
+    assert seen[-1] == "response.output_text.delta"
+    line = sidecar.ledger_lines()[-1]
+    assert line["outcome"] == "stream_cut" and line["billable"] is False
+    assert line["attempts"][-1]["reason"] == "no data between chunks within 0.3s"

@@ -6,7 +6,6 @@ point and its usage (the ``response.completed`` event) are handled here.
 from __future__ import annotations
 
 import asyncio
-from collections import deque
 from typing import Any
 
 import aiohttp
@@ -15,10 +14,10 @@ from aiohttp import web
 
 from .. import billing, wire
 from ..billing import Usage
+from ..relay import OpenStream
 from ..scope import Target
 from ..state import LIVE, Runtime
 from ..upstream import Upstream, UpstreamError
-from ..wire import SSEDecoder
 from . import model, passthrough
 from .exchange import BYTES_PER_TOKEN, Exchange, StreamTally, Surface, record_stream_end
 from .media import respond_reply, walk_recorded
@@ -59,44 +58,35 @@ _Event = tuple[bytes, dict[str, Any]]  # the upstream's data bytes, and what the
 
 
 class _Opened:
-    """An upstream stream past its commit point: the events held so far, and the decoder."""
+    """An upstream stream read through the relay's ``OpenStream`` (so it shares the relay's
+    idle clock and limits), with the events held before its commit point."""
 
-    def __init__(self, target: Target, response: aiohttp.ClientResponse) -> None:
-        self.target = target
-        self.response = response
-        self.decoder = SSEDecoder()
+    def __init__(self, stream: OpenStream) -> None:
+        self.stream = stream
         self.held: list[_Event] = []
-        self.pending: deque[bytes] = deque()
+
+    @property
+    def target(self) -> Target:
+        return self.stream.target
 
     @property
     def has_buffered(self) -> bool:
         """True when ``next_event`` can answer from what was already read, without waiting."""
-        return any(payload != b"[DONE]" for payload in self.pending)
+        return any(payload != b"[DONE]" for payload in self.stream.pending)
 
-    async def next_event(self, timeout_s: float) -> _Event | None:
+    async def next_event(self) -> _Event | None:
         """The next event (None at the end of the body); UpstreamError on a stall or cut."""
-        while True:
-            while self.pending:
-                payload = self.pending.popleft()
-                if payload == b"[DONE]":
-                    continue
-                try:
-                    event = orjson.loads(payload)
-                except orjson.JSONDecodeError:
-                    raise UpstreamError("stream event is not JSON") from None
-                if not isinstance(event, dict):
-                    raise UpstreamError("stream event is not a JSON object")
-                return payload, event
+        while (payload := await self.stream.next_payload()) is not None:
+            if payload == b"[DONE]":
+                continue
             try:
-                async with asyncio.timeout(timeout_s):
-                    data = await self.response.content.readany()
-            except TimeoutError:
-                raise UpstreamError(f"no data within {timeout_s:g}s") from None
-            except (aiohttp.ClientError, ConnectionError) as exc:
-                raise UpstreamError(f"stream cut: {type(exc).__name__}") from None
-            if not data:
-                return None
-            self.pending.extend(self.decoder.feed(data))
+                event = orjson.loads(payload)
+            except orjson.JSONDecodeError:
+                raise UpstreamError("stream event is not JSON") from None
+            if not isinstance(event, dict):
+                raise UpstreamError("stream event is not a JSON object")
+            return payload, event
+        return None
 
 
 def is_content(event: dict[str, Any]) -> bool:
@@ -128,7 +118,10 @@ async def _stream(
             )
         if not response.headers.get("Content-Type", "").startswith(wire.SSE_TYPE):
             raise UpstreamError("stream is not SSE")
-        return await _until_content(_Opened(target, response), settings.first_token_timeout_s)
+        opened = _Opened(runtime.relay.reader(target, response, exchange.trail.attempts))
+        await _until_content(opened, settings.first_token_timeout_s)
+        runtime.relay.watch_idle(opened.stream)
+        return opened
 
     with passthrough.budgeted(exchange):  # worst case: max_output_tokens, as for chat
         answer = await walk_recorded(exchange, send, settle)
@@ -137,22 +130,22 @@ async def _stream(
         return await _forward(request, exchange, answer)
 
 
-async def _until_content(opened: _Opened, timeout_s: float) -> _Opened:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while True:
-        remaining = deadline - loop.time()
-        if remaining <= 0:
-            raise UpstreamError(f"no content within {timeout_s:g}s")
-        got = await opened.next_event(remaining)
-        if got is None:
-            raise UpstreamError("stream ended before any content")
-        event = got[1]
-        if event.get("type") in ("error", "response.failed"):
-            raise UpstreamError("error event before any content")
-        opened.held.append(got)
-        if is_content(event):
-            return opened
+async def _until_content(opened: _Opened, timeout_s: float) -> None:
+    """Hold the preamble events until one a user sees; one deadline for the whole phase."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            while True:
+                got = await opened.next_event()
+                if got is None:
+                    raise UpstreamError("stream ended before any content")
+                event = got[1]
+                if event.get("type") in ("error", "response.failed"):
+                    raise UpstreamError("error event before any content")
+                opened.held.append(got)
+                if is_content(event):
+                    return
+    except TimeoutError:
+        raise UpstreamError(f"no content within {timeout_s:g}s") from None
 
 
 async def _forward(request: web.Request, exchange: Exchange, opened: _Opened) -> web.StreamResponse:
@@ -164,7 +157,6 @@ async def _forward(request: web.Request, exchange: Exchange, opened: _Opened) ->
     response.content_type = wire.SSE_TYPE
     exchange.info.status = 200
     tally = StreamTally()
-    idle = exchange.runtime.settings.routing.idle_timeout_s
     try:
         await response.prepare(request)
         batch = [_outgoing(payload, event, tally) for payload, event in opened.held]
@@ -174,7 +166,7 @@ async def _forward(request: web.Request, exchange: Exchange, opened: _Opened) ->
                 await response.write(b"".join(batch))
                 batch.clear()
             try:
-                got = await opened.next_event(idle)
+                got = await opened.next_event()
             except UpstreamError as exc:
                 attempts[-1].reason = exc.reason
                 break
@@ -191,13 +183,13 @@ async def _forward(request: web.Request, exchange: Exchange, opened: _Opened) ->
             if kind in ("error", "response.failed"):
                 attempts[-1].reason = "error event after content"
                 break
-        opened.response.close()
+        opened.stream.close()
         if outcome != "ok":
             await _record(exchange, target, outcome, tally)
             batch.append(_interrupted())
         await response.write_eof(b"".join(batch))
     except (ConnectionError, asyncio.CancelledError):
-        opened.response.close()
+        opened.stream.close()
         if not exchange.recorded:
             await asyncio.shield(_record(exchange, target, "client_cancelled", tally))
         raise
