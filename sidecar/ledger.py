@@ -214,10 +214,10 @@ def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | Non
 class Ledger:
     """The single writer of one ledger file (and its rotated predecessors).
 
-    There is no writer task: ``append()`` hands the queued lines to the I/O thread when nothing
-    runs there, and each job's completion, on the loop, settles its callers and starts the next
-    job. At most one job (a write, an fsync, a recovery) runs at a time, so whenever none runs
-    the queue is empty.
+    There is no writer task. When nothing runs on the I/O thread, ``append()`` schedules the
+    next job for the end of the loop turn; each job's completion, on the loop, settles its
+    callers and schedules the next. At most one job (a write, an fsync, a recovery) runs at a
+    time, and the lines queued meanwhile go out together in the next write.
     """
 
     def __init__(
@@ -245,6 +245,7 @@ class Ledger:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._io: _IoThread | None = None
         self._busy = False  # a job runs on the I/O thread
+        self._kicked = False  # _kick is scheduled
         self._sync_due = False  # the interval fsync goes with the next job
         self._sync_timer: asyncio.TimerHandle | None = None
         self._retry_timer: asyncio.TimerHandle | None = None
@@ -287,7 +288,7 @@ class Ledger:
         if self._io is None or self._closing:
             return
         self._closing = True
-        if self._busy:
+        if self._busy or self._kicked:
             self._drained = asyncio.get_running_loop().create_future()
             await self._drained
         for timer in (self._sync_timer, self._retry_timer):
@@ -309,10 +310,25 @@ class Ledger:
         future: asyncio.Future[None] = self._loop.create_future()
         self._pending.append((self._stamp().encode(), body[1:-1], future))
         if not self._busy:
-            self._start_next()
+            self._schedule()
         await future
 
     # -- jobs: started on the loop, run on the I/O thread, completed on the loop -------------
+
+    def _schedule(self) -> None:
+        """Start the next job at the end of this loop turn, not now: the lines every handler
+        queues in this turn then go out in one write (group commit)."""
+        if not self._kicked:
+            self._kicked = True
+            self._running_loop().call_soon(self._kick)
+
+    def _kick(self) -> None:
+        self._kicked = False
+        if self._busy:  # a probe started meanwhile; its end schedules the next job
+            return
+        self._start_next()
+        if not self._busy and self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
 
     def _start_next(self) -> None:
         """Start the next job, if there is one: the queued lines (with the fsync, if one is
@@ -337,14 +353,12 @@ class Ledger:
                 self._sync_due = False
 
     def _finished(self) -> None:
-        """A job is done: arm the timers, start the next job, or let close() go on."""
+        """A job is done: arm the timers, then the next job (or close()) goes on."""
         self._busy = False
         self._summarize_rotated()
         if not self._closing:
             self._arm_timers()
-        self._start_next()
-        if not self._busy and self._drained is not None and not self._drained.done():
-            self._drained.set_result(None)
+        self._schedule()
 
     def _written(
         self,
@@ -408,7 +422,7 @@ class Ledger:
         self._sync_timer = None
         self._sync_due = True
         if not self._busy and not self._closing:
-            self._start_next()
+            self._schedule()
 
     def _retry(self) -> None:
         self._retry_timer = None
@@ -419,8 +433,11 @@ class Ledger:
         self._io.submit(self._recover_sync, (True,), self._reopened)
 
     def _now(self) -> float:
-        assert self._loop is not None
-        return self._loop.time()
+        return self._running_loop().time()
+
+    def _running_loop(self) -> asyncio.AbstractEventLoop:
+        assert self._loop is not None, "the ledger runs only between open() and close()"
+        return self._loop
 
     def _chain(self, batch: list[_Item]) -> tuple[list[bytes], str]:
         head = self._last_hash
