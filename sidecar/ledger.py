@@ -26,7 +26,7 @@ import os
 import queue
 import re
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from datetime import UTC, datetime
 from decimal import Decimal
 from functools import partial
@@ -433,10 +433,14 @@ class Ledger:
 
     def _summarize_rotated(self) -> None:
         for file in self._rotated:
-            task = asyncio.create_task(self._summarize(file), name="ledger-summary")
-            self._summaries.add(task)
-            task.add_done_callback(self._summaries.discard)
+            self._track_summary(self._summarize(file), "ledger-summary")
         self._rotated.clear()
+
+    def _track_summary(self, work: Coroutine[Any, Any, None], name: str) -> None:
+        """Run ``work`` as a task that close() waits for."""
+        task = asyncio.create_task(work, name=name)
+        self._summaries.add(task)
+        task.add_done_callback(self._summaries.discard)
 
     async def _summarize(self, file: Path) -> None:
         try:
