@@ -14,6 +14,8 @@ tail and probes the disk every ``retry_s``.
 
 After a rotation, the rotated file's summary (``ledger_summary``) is written by a task of its
 own in a worker thread, so appends never wait for it; failing to write one is only a warning.
+At open, one more such task writes the summaries that the rotated files there lack or that no
+longer hold, so that the first ``usage`` after an upgrade need not read those files.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import os
 import queue
 import re
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from datetime import UTC, datetime
 from decimal import Decimal
 from functools import partial
@@ -38,7 +40,7 @@ import orjson
 from sidecar.billing import usd
 from sidecar.config import LedgerConfig
 from sidecar.errors import LedgerUnavailable
-from sidecar.ledger_summary import write_summary
+from sidecar.ledger_summary import load, write_summary
 from sidecar.log import UtcStamps, get_logger
 
 LEDGER_VERSION: Final = 1
@@ -127,6 +129,11 @@ def find_tail(fd: int) -> tuple[int, int, bytes | None]:
         if line is not None or base == 0:
             return size, base + end, line
         window *= 2
+
+
+def _write_summary_unless_usable(file: Path) -> None:
+    if load(file) is None:
+        write_summary(file)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -276,12 +283,14 @@ class Ledger:
         return self._last_hash
 
     async def open(self) -> None:
-        """Take the lock, repair a torn tail, find the chain's head and start the I/O thread."""
-        await asyncio.to_thread(self._open_sync)
+        """Take the lock, repair a torn tail, find the chain's head and start the I/O thread;
+        then back-fill the rotated files' summaries in the background."""
+        rotated = await asyncio.to_thread(self._open_sync)
         self._loop = asyncio.get_running_loop()
         self._io = _IoThread(self._loop)
         self._available = True
         self._last_sync = self._loop.time()
+        self._track_summary(self._backfill_summaries(rotated), "ledger-summary-backfill")
 
     async def close(self) -> None:
         """Write what is queued, fsync, close the file and release the lock."""
@@ -296,7 +305,8 @@ class Ledger:
                 timer.cancel()
         await self._io.run(self._close_sync)
         await self._io.stop()
-        # A summary being written finishes (asyncio.run would wait for its thread anyway).
+        # A summary being written finishes (asyncio.run would wait for its thread anyway); the
+        # back-fill starts no other.
         await asyncio.gather(*self._summaries)
 
     async def append(self, record: Mapping[str, Any]) -> None:
@@ -450,16 +460,33 @@ class Ledger:
 
     def _summarize_rotated(self) -> None:
         for file in self._rotated:
-            task = asyncio.create_task(self._summarize(file), name="ledger-summary")
-            self._summaries.add(task)
-            task.add_done_callback(self._summaries.discard)
+            self._track_summary(self._summarize(file), "ledger-summary")
         self._rotated.clear()
 
-    async def _summarize(self, file: Path) -> None:
+    def _track_summary(self, work: Coroutine[Any, Any, None], name: str) -> None:
+        """Run ``work`` as a task that close() waits for."""
+        task = asyncio.create_task(work, name=name)
+        self._summaries.add(task)
+        task.add_done_callback(self._summaries.discard)
+
+    async def _summarize(self, file: Path, write: Callable[[Path], object] = write_summary) -> None:
         try:
-            await asyncio.to_thread(write_summary, file)
+            await asyncio.to_thread(write, file)
         except Exception as exc:  # a summary only spares `usage` a read; never a ledger failure
             self._log.warning("ledger_summary_failed", path=str(file), error=str(exc))
+
+    async def _backfill_summaries(self, rotated: list[Path]) -> None:
+        """Write each summary of ``rotated`` that ``usage`` could not use (none, or one that no
+        longer holds), until close().
+
+        Newest first: at start the budget's ``spent_since`` summarizes this month's files oldest
+        first, so the two meet at one file instead of both going through all of them. A close()
+        waits only for the file in progress, not for the rest (a stop must not take minutes).
+        """
+        for file in reversed(rotated):
+            if self._closing:
+                return
+            await self._summarize(file, _write_summary_unless_usable)
 
     def _resolve(self, batch: list[_Item], written: int | None = None) -> None:
         """Settle each caller: the first ``written`` (default: all) succeed, the rest fail."""
@@ -488,7 +515,9 @@ class Ledger:
 
     # -- blocking parts, run in a worker thread ---------------------------------------------
 
-    def _open_sync(self) -> None:
+    def _open_sync(self) -> list[Path]:
+        """Lock and open the ledger; return the rotated files there are before any append, so
+        that the back-fill leaves those this ledger rotates to their own summary task."""
         self._path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._lock()
         try:
@@ -496,6 +525,15 @@ class Ledger:
         except BaseException:
             self._unlock()
             raise
+        return self._rotated_files()
+
+    def _rotated_files(self) -> list[Path]:
+        try:
+            numbers = rotated_numbers(self._path)
+        except OSError as exc:  # only the back-fill needs the list: not a reason to refuse
+            self._log.warning("ledger_summary_failed", path=str(self._path), error=str(exc))
+            return []
+        return [rotated_path(self._path, number) for number in numbers]
 
     def _lock(self) -> None:
         fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)

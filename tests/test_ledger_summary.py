@@ -318,6 +318,110 @@ async def test_a_stale_or_tampered_summary_is_not_used(ledger: Path, edit: Edit)
     assert ledger_sums(ledger).summarized == []
 
 
+# -- written at open, for the rotated files whose summary usage could not use ----------------
+
+
+async def wait_for(condition: Callable[[], bool]) -> None:
+    for _ in range(1000):  # up to ~10 s on a loaded machine
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    assert condition()
+
+
+def tmp_leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.endswith(".tmp"))
+
+
+async def test_open_writes_the_summaries_usage_could_not_use(ledger: Path) -> None:
+    files = rotated(ledger)
+    missing, stale, newer = files[0], files[3], files[5]
+    summary_path(missing).unlink()
+    _summary_numbers_edited(stale, summary_path(stale))
+    _summary_of_a_newer_format(newer, summary_path(newer))
+    assert all(ledger_summary.load(f) is None for f in (missing, stale, newer))
+
+    writer = Ledger(LedgerConfig(path=ledger, rotate_bytes=ROTATE))
+    await writer.open()
+    assert not summary_path(missing).exists()  # open() did not wait for the back-fill
+    await writer.append({"request_id": "during-back-fill", "outcome": "ok"})
+    await wait_for(lambda: all(ledger_summary.load(f) is not None for f in files))
+    await writer.close()
+
+    for file in files:
+        written = summary_path(file).read_bytes()
+        assert written == ledger_summary.encode(ledger_summary.compute(file))
+        assert stat.S_IMODE(summary_path(file).stat().st_mode) == 0o600
+    assert tmp_leftovers(ledger.parent) == []
+    sums = ledger_sums(ledger, by=("day", "model", "provider", "outcome"), workers=1)
+    assert (sums.summarized, sums.scanned) == ([], [ledger])
+    assert verify(ledger).ok
+
+
+async def test_open_leaves_usable_summaries_alone(ledger: Path) -> None:
+    files = rotated(ledger)
+    first, last = files[0], files[-1]
+    summary_path(first).unlink()
+    summary_path(last).unlink()
+    middle = {file: summary_path(file).stat() for file in files[1:-1]}
+
+    writer = Ledger(LedgerConfig(path=ledger, rotate_bytes=ROTATE))
+    await writer.open()
+    # The back-fill goes through the files in order, one way or the other: both ends written
+    # means every file in between was looked at.
+    await wait_for(lambda: summary_path(first).exists() and summary_path(last).exists())
+    await writer.close()
+
+    for file, before in middle.items():
+        after = summary_path(file).stat()
+        assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    assert ledger_summary.load(first) is not None and ledger_summary.load(last) is not None
+
+
+async def test_a_back_fill_failure_is_only_a_warning(
+    ledger: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    files = rotated(ledger)
+    drop_summaries(ledger)
+    summary_path(files[-1]).mkdir()  # the first one the back-fill tries cannot be written
+
+    writer = Ledger(LedgerConfig(path=ledger, rotate_bytes=ROTATE))
+    await writer.open()
+    await wait_for(lambda: all(ledger_summary.load(f) is not None for f in files[:-1]))
+    await writer.append({"request_id": "after-the-failure", "outcome": "ok"})
+    await writer.close()
+
+    captured = capsys.readouterr()
+    assert "ledger_summary_failed" in captured.out + captured.err
+    assert str(files[-1]) in captured.out + captured.err
+    assert verify(ledger).ok
+
+
+async def test_close_waits_for_the_summary_in_progress_and_starts_no_other(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "ledger.jsonl"
+    await write_ledger(path, entries(40), rotate_bytes=ROTATE)
+    # The newest rotated file, summarized first, is large, so that close() comes while its
+    # summary is being written (were close() not to wait for it, its task would be left over).
+    await write_ledger(path, entries(3000), fsync="never")
+    await write_ledger(path, entries(1), rotate_bytes=ROTATE)
+    files = rotated(path)
+    assert files[-1].stat().st_size > 1_000_000
+    drop_summaries(path)
+
+    writer = Ledger(LedgerConfig(path=path, rotate_bytes=ROTATE))
+    await writer.open()
+    await asyncio.sleep(0)  # one loop turn: the back-fill has started on the newest file
+    await writer.close()
+
+    assert asyncio.all_tasks() == {asyncio.current_task()}
+    newest = summary_path(files[-1])
+    assert newest.read_bytes() == ledger_summary.encode(ledger_summary.compute(files[-1]))
+    assert [f for f in files[:-1] if summary_path(f).exists()] == []
+    assert tmp_leftovers(tmp_path) == []
+
+
 # -- the budget's starting spend -------------------------------------------------------------
 
 
