@@ -376,7 +376,7 @@ class Ledger:
         head: str,
         synced: bool,
         started: float,
-        _result: object,
+        sync_error: OSError | None,
         error: BaseException | None,
     ) -> None:
         if error is None:
@@ -385,6 +385,8 @@ class Ledger:
             if synced:
                 self._sync_due = False
                 self._last_sync = self._now()
+            if sync_error is not None:
+                self._fail(sync_error)
             if self._observe is not None:
                 self._observe(self._now() - started)
         else:
@@ -589,7 +591,10 @@ class Ledger:
             os.close(fd)
         return line_hash(last) if last is not None else GENESIS
 
-    def _write_sync(self, lines: list[bytes], sync: bool) -> None:
+    def _write_sync(self, lines: list[bytes], sync: bool) -> OSError | None:
+        """Write ``lines`` (rotating as needed), then fsync if ``sync``. A failed write raises
+        ``_WriteFailed``. A failed fsync does too under ``fsync = "always"``, whose callers were
+        promised an fsynced line; under ``interval`` it is returned, as the lines are written."""
         written = 0
         group: list[bytes] = []
         pending = 0
@@ -604,10 +609,17 @@ class Ledger:
                 group.append(line)
                 pending += len(line)
             self._write_group(b"".join(group))
-            if sync:
-                self._sync_sync()
         except OSError as exc:
             raise _WriteFailed(written, exc) from exc
+        if not sync:
+            return None
+        try:
+            self._sync_sync()
+        except OSError as exc:
+            if self._config.fsync == "always":
+                raise _WriteFailed(written, exc) from exc
+            return exc
+        return None
 
     def _write_group(self, data: bytes) -> None:
         if not data:

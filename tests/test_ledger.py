@@ -3,6 +3,7 @@ import errno
 import hashlib
 import os
 import stat
+import time
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -50,8 +51,10 @@ class Seams:
         self.short_then_fail = False
         self.fail_fsync = False
         self.fsyncs = 0
+        self.write_delay_s = 0.0  # each write blocks the I/O thread this long
 
     def write(self, fd: int, data: bytes) -> int:
+        time.sleep(self.write_delay_s)
         if self.short_then_fail:
             self.short_then_fail = False
             self.fail_write = errno.ENOSPC
@@ -293,6 +296,30 @@ async def test_fsync_error_makes_ledger_unavailable(make_ledger: Callable[..., L
     await wait_until(lambda: ledger.available)
     await ledger.append(record(2))
     assert read_chain(ledger.path)[-1]["request_id"] == "req-2"
+
+
+async def test_an_interval_fsync_error_fails_no_caller_whose_line_was_written(
+    make_ledger: Callable[..., Ledger],
+) -> None:
+    """The due fsync rides with the next write; if only the fsync fails, that write's callers
+    have their lines and are told so (an error would make a client retry and pay twice)."""
+    failures: list[int] = []
+    seams = Seams()
+    ledger = make_ledger(
+        fsync="interval", fsync_interval_ms=100, seams=seams, on_failure=lambda: failures.append(1)
+    )
+    await ledger.open()
+    await ledger.append(record(1))  # the file is dirty: an fsync is due 100 ms after open
+    seams.write_delay_s = 0.3
+    second = asyncio.create_task(ledger.append(record(2)))
+    await asyncio.sleep(0.2)  # the fsync came due while the second write runs
+    seams.fail_fsync = True
+    await ledger.append(record(3))  # queued behind the second write; goes out with the fsync
+    await second
+    assert failures, "the failed fsync was not noticed"
+    assert [r["request_id"] for r in read_chain(ledger.path)] == ["req-1", "req-2", "req-3"]
+    seams.fail_fsync = False
+    seams.write_delay_s = 0.0
 
 
 async def test_cancelled_caller_still_gets_its_line(make_ledger: Callable[..., Ledger]) -> None:
