@@ -135,13 +135,19 @@ class SSEDecoder:
         """Each complete event's data payload, in order; events without data (comments,
         keep-alives) yield nothing."""
         buffer = self._buffer + data if self._buffer else data
-        if buffer.find(b"\r") >= 0:  # not ``in``: see Redactor.may_leak
+        # ``13 in buffer`` tests a byte value: half the cost of ``find(b"\r")``, and a bytes
+        # needle with ``in`` is worse (see Redactor.may_leak). A read that is one one-line event
+        # then needs a single scan, for its first newline.
+        if 13 in buffer:
             buffer = buffer.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-        end = buffer.find(b"\n\n")
-        if end >= 0 and end == len(buffer) - 2:  # one whole event, as most reads bring
+        first = buffer.find(10)
+        if first == len(buffer) - 2 and buffer[-1] == 10:  # one one-line event, as most reads
             self._buffer = b""
-            payload = _event_data(buffer[:end])
+            if buffer.startswith(b"data: "):
+                return [buffer[6:first]]
+            payload = _event_data(buffer[:first])
             return [payload] if payload is not None else []
+        end = buffer.find(b"\n\n")
         events: list[bytes] = []
         start = 0
         while end >= 0:

@@ -51,3 +51,16 @@ def test_a_read_of_keep_alives_yields_no_event() -> None:
     assert decoder.feed(b": keep-alive\n\n") == []
     assert decoder.feed(b": ping\n\n: ping\n\n") == []
     assert decoder.feed(b': ping\n\ndata: {"a":1}\n\n') == [b'{"a":1}']
+
+
+@pytest.mark.parametrize(
+    ("read", "events"),
+    [
+        (b"data:{}\n\n", [b"{}"]),  # no space after the colon
+        (b"event: x\n\n", []),
+        (b"data: {}\nX", []),  # a newline one byte from the end, but no blank line yet
+        (b"\n\n", []),
+    ],
+)
+def test_one_line_reads(read: bytes, events: list[bytes]) -> None:
+    assert SSEDecoder().feed(read) == events
