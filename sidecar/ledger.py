@@ -416,8 +416,7 @@ class Ledger:
         self._finished()
 
     def _arm_timers(self) -> None:
-        loop = self._loop
-        assert loop is not None
+        loop = self._running_loop()
         if not self._available:
             if self._retry_timer is None:
                 self._retry_timer = loop.call_at(self._failed_at + self._retry_s, self._retry)
