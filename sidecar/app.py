@@ -301,8 +301,10 @@ def _log_line(
     )
 
 
-async def _flush_request_log(app: web.Application) -> None:
-    app[REQUEST_LOG].flush()
+async def _close_request_log(app: web.Application) -> None:
+    request_log = app[REQUEST_LOG]
+    request_log.flush()  # on the loop, which owns the flush timer
+    await asyncio.to_thread(request_log.close)  # waits for the writer thread
 
 
 def create_app(
@@ -332,7 +334,7 @@ def create_app(
     app[LIVE] = live
     app[REQUEST_IDS] = ids
     app[REQUEST_LOG] = request_log
-    app.on_cleanup.append(_flush_request_log)
+    app.on_cleanup.append(_close_request_log)
     app.cleanup_ctx.extend([_ledger_ctx, _runtime_ctx, _prober_ctx])
     app.router.add_routes(
         [

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import queue
 import re
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, MutableMapping
 from typing import Any, BinaryIO, TextIO
@@ -108,12 +110,91 @@ def get_logger(name: str = "sidecar") -> Any:
     return structlog.get_logger(name)
 
 
+class BatchWriter:
+    """Writes batches of log lines to a stream from a thread of its own.
+
+    A blocking write to stderr (a pipe to a log collector that stalls, say) then never stops the
+    event loop. At most ``limit_bytes`` wait; a batch past that is dropped and its lines
+    counted, and a ``request_log_dropped`` line says how many once the stream takes data again.
+    Outside a running loop before the thread started, or after ``close()``, a batch is written
+    at once.
+    """
+
+    def __init__(self, stream: BinaryIO, *, limit_bytes: int = 8 << 20) -> None:
+        self._stream = stream
+        self._limit = limit_bytes
+        self._batches: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()  # guards the two counts below
+        self._waiting = 0
+        self._dropped = 0
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    def write(self, data: bytes) -> None:
+        if self._thread is None:
+            if self._closed or not _in_running_loop():
+                self._put(data)
+                return
+            self._thread = threading.Thread(target=self._run, name="request-log", daemon=True)
+            self._thread.start()
+        with self._lock:
+            if self._waiting + len(data) > self._limit:
+                self._dropped += data.count(b"\n")
+                return
+            self._waiting += len(data)
+        self._batches.put(data)
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Write what waits, then stop the thread (waiting at most ``timeout_s`` for a stalled
+        stream); later batches are written at once."""
+        self._closed = True
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            self._batches.put(None)
+            thread.join(timeout_s)
+
+    def _run(self) -> None:
+        while (data := self._batches.get()) is not None:
+            self._put(data)
+            with self._lock:
+                self._waiting -= len(data)
+                dropped, self._dropped = self._dropped, 0
+            if dropped:
+                self._put(_dropped_line(dropped))
+
+    def _put(self, data: bytes) -> None:
+        try:
+            self._stream.write(data)
+            self._stream.flush()
+        except (OSError, ValueError):
+            pass  # a closed or broken stderr must not take requests down with it
+
+
+def _in_running_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+def _dropped_line(lines: int) -> bytes:
+    event = {
+        "event": "request_log_dropped",
+        "level": "warning",
+        "lines": lines,
+        "why": "stderr took no data while the request log's buffer was full",
+    }
+    return orjson.dumps(event, option=orjson.OPT_APPEND_NEWLINE)
+
+
 class RequestLog:
     """The canonical line per request: redacted, rendered by orjson, written in small batches.
 
     structlog's processor chain costs tens of microseconds a line, a large share of a proxied
     request; this path costs a few, and batching turns thousands of lines a second into a few
-    writes. Lines wait at most ``flush_interval_s`` (and are flushed at shutdown).
+    writes, made by a ``BatchWriter`` off the event loop. Lines wait at most
+    ``flush_interval_s`` (and are written out by ``close()`` at shutdown).
     """
 
     def __init__(
@@ -126,6 +207,7 @@ class RequestLog:
         flush_interval_s: float = 0.05,
     ) -> None:
         self._stream = stream if stream is not None else sys.stderr.buffer
+        self._writer = BatchWriter(self._stream)
         self._enabled = logging.getLevelNamesMapping()[level.upper()] <= logging.INFO
         self._json = format == "json" or (format == "auto" and not _isatty(self._stream))
         self._redactor = redactor or Redactor()
@@ -168,11 +250,12 @@ class RequestLog:
             return
         data = b"".join(self._lines)
         self._lines.clear()
-        try:
-            self._stream.write(data)
-            self._stream.flush()
-        except (OSError, ValueError):
-            pass  # a closed or broken stderr must not take requests down with it
+        self._writer.write(data)
+
+    def close(self) -> None:
+        """Flush, and wait (briefly) until every line is written."""
+        self.flush()
+        self._writer.close()
 
 
 class UtcStamps:

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import json
+import os
 import signal
 import socket
 import stat
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +20,15 @@ import pytest
 
 from .conftest import provider
 from .fakes import FakeUpstream, ok
-from .process import ACTIVATION_WRAPPER, chat, ledger_lines, running, write_config
+from .process import (
+    ACTIVATION_WRAPPER,
+    ROOT,
+    START_TIMEOUT_S,
+    chat,
+    ledger_lines,
+    running,
+    write_config,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -216,3 +228,66 @@ async def test_serves_on_a_unix_socket_readable_by_owner_and_group(tmp_path, fak
                 assert r.status == 200
                 assert r.headers["X-TokenHub-Provider"] == "alpha"
     assert len(fake.requests) == 1
+
+
+async def test_requests_go_on_while_nobody_reads_stderr(tmp_path: Path, fake_upstream: Any) -> None:
+    """A stalled log collector (a full stderr pipe) must not stop the event loop: request lines
+    wait off the loop and all come out once stderr is read again."""
+    fake: FakeUpstream = await fake_upstream()
+    path = write_config(tmp_path / "config.toml", [provider("alpha", fake.url)])
+    read_end, write_end = os.pipe()
+    fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, 4096)  # full after about a dozen request lines
+    os.set_blocking(read_end, False)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "sidecar",
+        "serve",
+        "-c",
+        str(path),
+        cwd=str(tmp_path),
+        env={**os.environ, "PYTHONPATH": str(ROOT), "ALPHA_KEY": "sk-alpha-stderr-test"},
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=write_end,
+    )
+    os.close(write_end)
+    seen = bytearray()
+
+    def drain() -> None:
+        with contextlib.suppress(BlockingIOError):
+            while chunk := os.read(read_end, 65536):
+                seen.extend(chunk)
+
+    try:
+        async with asyncio.timeout(START_TIMEOUT_S):
+            while b'"listening"' not in seen:
+                drain()
+                await asyncio.sleep(0.02)
+        address = next(
+            json.loads(line)["address"] for line in seen.splitlines() if b'"listening"' in line
+        )
+        # From here on nobody reads stderr: 200 request lines are far more than the pipe holds.
+        async with aiohttp.ClientSession() as session, asyncio.timeout(60):
+            for n in range(200):
+                async with session.post(
+                    f"http://{address}/v1/chat/completions",
+                    json=chat(),
+                    headers={"X-Request-Id": f"quiet-{n}"},
+                ) as response:
+                    assert response.status == 200
+        proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(20):
+            while proc.returncode is None:
+                drain()
+                await asyncio.sleep(0.02)
+        drain()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        await proc.wait()
+        os.close(read_end)
+    assert proc.returncode == 0
+    logged = [json.loads(line) for line in seen.splitlines() if line.startswith(b"{")]
+    ids = {line.get("request_id") for line in logged if line.get("event") == "request"}
+    assert ids == {f"quiet-{n}" for n in range(200)}

@@ -102,7 +102,7 @@ async def test_one_log_line_per_request_with_the_facts(start_sidecar, tmp_path: 
         await sidecar.client().chat.completions.create(
             model="gpt-4o-mini", messages=[{"role": "user", "content": "Hi"}]
         )
-        request_log.flush()
+        request_log.close()  # writes what waits (lines go out from a thread of their own)
     [line] = [json.loads(raw_line) for raw_line in sink.getvalue().splitlines()]
     assert line["event"] == "request" and line["level"] == "info"
     assert line["model"] == "gpt-4o-mini" and line["provider"] == "borealis"

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
+import threading
 
 import structlog
 
@@ -95,3 +97,36 @@ def test_utc_stamps_format_each_second_once_and_keep_microseconds():
     assert stamps.now() == "2026-11-18T11:06:40.250000Z"
     assert stamps.now() == "2026-11-18T11:06:40.500000Z"
     assert stamps.now() == "2026-11-18T11:07:41.750000Z"
+
+
+class StalledSink:
+    """A stream whose writes block until ``go`` is set: stderr piped to a stalled collector."""
+
+    def __init__(self) -> None:
+        self.go = threading.Event()
+        self.data = bytearray()
+
+    def write(self, data: bytes) -> int:
+        self.go.wait(10)
+        self.data += data
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+
+async def test_a_stalled_stream_never_blocks_the_loop_and_drops_past_the_limit() -> None:
+    sink = StalledSink()
+    writer = log.BatchWriter(sink, limit_bytes=100)  # type: ignore[arg-type]
+    batches = [b"line-%d-0123456789\n" % i for i in range(10)]  # 18 bytes each: 5 fit
+    for batch in batches:
+        writer.write(batch)  # a write that waited for the sink would hang here for 10 s
+    assert sink.data == b""
+    sink.go.set()
+    await asyncio.to_thread(writer.close)
+    lines = bytes(sink.data).splitlines()
+    assert [line for line in lines if line.startswith(b"line-")] == [b.strip() for b in batches[:5]]
+    [dropped] = [json.loads(line) for line in lines if not line.startswith(b"line-")]
+    assert dropped["event"] == "request_log_dropped" and dropped["lines"] == 5
+    writer.write(b"after close\n")  # written at once: no thread is left to do it
+    assert bytes(sink.data).endswith(b"after close\n")
