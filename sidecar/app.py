@@ -21,7 +21,7 @@ from .handlers import media, model, models, operator, responses, videos
 from .handlers.context import RequestIds, RequestInfo, new_request_info
 from .health import HealthBook, Prober
 from .ledger import Ledger
-from .log import Redactor, RequestLog, get_logger
+from .log import BatchWriter, Redactor, RequestLog, get_logger
 from .metrics import Metrics
 from .ratelimit import ConcurrencyCap, TokenBucket
 from .relay import Relay
@@ -308,14 +308,21 @@ async def _close_request_log(app: web.Application) -> None:
 
 
 def create_app(
-    settings: Settings, *, ledger: Ledger | None = None, request_log: RequestLog | None = None
+    settings: Settings,
+    *,
+    ledger: Ledger | None = None,
+    request_log: RequestLog | None = None,
+    log_writer: BatchWriter | None = None,
 ) -> web.Application:
     """The daemon's aiohttp application; resources open on startup and close on cleanup."""
     metrics = Metrics()
     live = Live()
     ids = RequestIds()
     request_log = request_log or RequestLog(
-        format=settings.log.format, level=settings.log.level, redactor=redactor_for(settings)
+        format=settings.log.format,
+        level=settings.log.level,
+        redactor=redactor_for(settings),
+        writer=log_writer,
     )
     app = web.Application(
         middlewares=[guard_for(live, metrics, request_log, ids)],

@@ -86,10 +86,17 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     settings = config.load(path)
     from .app import redactor_for
 
-    log.configure(
-        format=settings.log.format, level=settings.log.level, redactor=redactor_for(settings)
+    writer = log.configure(
+        format=settings.log.format,
+        level=settings.log.level,
+        redactor=redactor_for(settings),
+        background=True,
     )
-    return _run_loop(daemon.run(settings, config_path=path))
+    try:
+        return _run_loop(daemon.run(settings, config_path=path, log_writer=writer))
+    finally:
+        if writer is not None:
+            writer.close()
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:

@@ -24,7 +24,7 @@ from .app import LEDGER, create_app, swap_runtime
 from .config import ConfigError, Settings, parse_listen
 from .ledger import LedgerLocked
 from .ledger_scan import LedgerFormatError
-from .log import get_logger
+from .log import BatchWriter, get_logger
 from .sweep import DeadlineSweep
 
 Announce = Callable[[str], None]
@@ -162,10 +162,11 @@ async def run(
     config_path: Path | None,
     announce: Announce | None = None,
     stop: asyncio.Event | None = None,
+    log_writer: BatchWriter | None = None,
 ) -> int:
     """Serve until SIGTERM/SIGINT (or ``stop``); reload on SIGHUP. Returns the exit code."""
     log = get_logger()
-    app = create_app(settings)
+    app = create_app(settings, log_writer=log_writer)
     runner = DaemonRunner(
         app,
         header_timeout_s=settings.server.header_timeout_s,

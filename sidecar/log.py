@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, MutableMapping
-from typing import Any, BinaryIO, TextIO
+from typing import Any, BinaryIO, TextIO, cast
 
 import orjson
 import structlog
@@ -81,14 +81,22 @@ def configure(
     level: str = "info",
     redactor: Redactor | None = None,
     stream: TextIO | None = None,
-) -> None:
-    """Set up structlog for the process: called by the daemon and the CLI, never at import."""
+    background: bool = False,
+) -> BatchWriter | None:
+    """Set up structlog for the process: called by the daemon and the CLI, never at import.
+
+    With ``background`` (the daemon), lines go out through a ``BatchWriter`` on the stream's
+    bytes, off the event loop; the daemon's request log shares it, so that the two never write
+    at once, and the caller closes it at exit.
+    """
     out = stream or sys.stderr
-    as_json = format == "json" or (format == "auto" and not out.isatty())
+    tty = out.isatty()
+    writer = BatchWriter(out.buffer) if background else None
+    as_json = format == "json" or (format == "auto" and not tty)
     renderer: Any = (
         structlog.processors.JSONRenderer(serializer=_orjson_dumps)
         if as_json
-        else structlog.dev.ConsoleRenderer(colors=out.isatty())
+        else structlog.dev.ConsoleRenderer(colors=tty)
     )
     processors: list[Any] = [
         structlog.processors.add_log_level,
@@ -101,9 +109,35 @@ def configure(
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping()[level.upper()]
         ),
-        logger_factory=structlog.PrintLoggerFactory(out),
+        logger_factory=structlog.PrintLoggerFactory(
+            out if writer is None else cast(TextIO, _Lines(writer, tty=tty))  # all print() needs
+        ),
         cache_logger_on_first_use=False,
     )
+    return writer
+
+
+class _Lines:
+    """A text stream for structlog's ``PrintLogger`` that hands whole lines to a ``BatchWriter``
+    (``print`` writes the message and its newline separately, then flushes)."""
+
+    def __init__(self, writer: BatchWriter, *, tty: bool) -> None:
+        self._writer = writer
+        self._tty = tty
+        self._parts: list[str] = []
+
+    def write(self, text: str) -> int:
+        self._parts.append(text)
+        return len(text)
+
+    def flush(self) -> None:
+        if self._parts:
+            text = "".join(self._parts)
+            self._parts.clear()
+            self._writer.write(text.encode("utf-8", "replace"))
+
+    def isatty(self) -> bool:
+        return self._tty
 
 
 def get_logger(name: str = "sidecar") -> Any:
@@ -163,8 +197,13 @@ class BatchWriter:
                 self._put(_dropped_line(dropped))
 
     def _put(self, data: bytes) -> None:
+        view = memoryview(data)
         try:
-            self._stream.write(data)
+            while view:  # an unbuffered stderr (python -u) may take part of it, as a pipe may
+                written = self._stream.write(view)
+                if not written:
+                    break
+                view = view[written:]
             self._stream.flush()
         except (OSError, ValueError):
             pass  # a closed or broken stderr must not take requests down with it
@@ -204,10 +243,13 @@ class RequestLog:
         level: str = "info",
         redactor: Redactor | None = None,
         stream: BinaryIO | None = None,
+        writer: BatchWriter | None = None,
         flush_interval_s: float = 0.05,
     ) -> None:
+        """``writer``: the process's one writer to stderr, shared with structlog (see
+        ``configure``); by default one of its own on ``stream``."""
         self._stream = stream if stream is not None else sys.stderr.buffer
-        self._writer = BatchWriter(self._stream)
+        self._writer = writer or BatchWriter(self._stream)
         self._enabled = logging.getLevelNamesMapping()[level.upper()] <= logging.INFO
         self._json = format == "json" or (format == "auto" and not _isatty(self._stream))
         self._redactor = redactor or Redactor()

@@ -231,7 +231,7 @@ async def test_serves_on_a_unix_socket_readable_by_owner_and_group(tmp_path, fak
 
 
 async def test_requests_go_on_while_nobody_reads_stderr(tmp_path: Path, fake_upstream: Any) -> None:
-    """A stalled log collector (a full stderr pipe) must not stop the event loop: request lines
+    """A stalled log collector (a full stderr pipe) must not stop the event loop: log lines
     wait off the loop and all come out once stderr is read again."""
     fake: FakeUpstream = await fake_upstream()
     path = write_config(tmp_path / "config.toml", [provider("alpha", fake.url)])
@@ -267,9 +267,12 @@ async def test_requests_go_on_while_nobody_reads_stderr(tmp_path: Path, fake_ups
         address = next(
             json.loads(line)["address"] for line in seen.splitlines() if b'"listening"' in line
         )
-        # From here on nobody reads stderr: 200 request lines are far more than the pipe holds.
+        # From here on nobody reads stderr: 200 request lines are far more than the pipe holds,
+        # and the reload halfway logs through structlog rather than the request log.
         async with aiohttp.ClientSession() as session, asyncio.timeout(60):
             for n in range(200):
+                if n == 100:
+                    proc.send_signal(signal.SIGHUP)
                 async with session.post(
                     f"http://{address}/v1/chat/completions",
                     json=chat(),
@@ -291,3 +294,7 @@ async def test_requests_go_on_while_nobody_reads_stderr(tmp_path: Path, fake_ups
     logged = [json.loads(line) for line in seen.splitlines() if line.startswith(b"{")]
     ids = {line.get("request_id") for line in logged if line.get("event") == "request"}
     assert ids == {f"quiet-{n}" for n in range(200)}
+    assert [line["event"] for line in logged if line["event"] in ("reloaded", "stopped")] == [
+        "reloaded",
+        "stopped",
+    ]

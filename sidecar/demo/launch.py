@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import sys
 
 from .. import config, daemon, log
@@ -29,7 +30,9 @@ async def run_demo(*, listen: str, ledger: str) -> int:
     async with DemoProviders() as providers:
         raw = demo_config(providers, listen=listen, ledger_path=ledger)
         settings = config.from_mapping(raw, source="demo config", environ={})
-        log.configure(format=settings.log.format, level=settings.log.level)
+        writer = log.configure(
+            format=settings.log.format, level=settings.log.level, background=True
+        )
         listing = "\n".join(f"  {p.name:<10} region {p.region:<4} at {p.url}" for p in providers)
 
         def announce(address: str) -> None:
@@ -39,4 +42,10 @@ async def run_demo(*, listen: str, ledger: str) -> int:
                 flush=True,
             )
 
-        return await daemon.run(settings, config_path=None, announce=announce)
+        try:
+            return await daemon.run(
+                settings, config_path=None, announce=announce, log_writer=writer
+            )
+        finally:
+            if writer is not None:
+                await asyncio.to_thread(writer.close)
