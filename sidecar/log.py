@@ -163,13 +163,16 @@ class BatchWriter:
         self._dropped = 0
         self._thread: threading.Thread | None = None
         self._closed = False
+        self._stalled = False
 
     def write(self, data: bytes) -> None:
         if self._thread is None:
+            if self._stalled:
+                return
             if self._closed or not _in_running_loop():
                 self._put(data)
                 return
-            self._thread = threading.Thread(target=self._run, name="request-log", daemon=True)
+            self._thread = threading.Thread(target=self._run, name="log-writer", daemon=True)
             self._thread.start()
         with self._lock:
             if self._waiting + len(data) > self._limit:
@@ -180,12 +183,14 @@ class BatchWriter:
 
     def close(self, timeout_s: float = 5.0) -> None:
         """Write what waits, then stop the thread (waiting at most ``timeout_s`` for a stalled
-        stream); later batches are written at once."""
+        stream); later batches are written at once, or dropped if the stream is still stalled
+        (a stop must not hang on it)."""
         self._closed = True
         thread, self._thread = self._thread, None
         if thread is not None:
             self._batches.put(None)
             thread.join(timeout_s)
+            self._stalled = thread.is_alive()
 
     def _run(self) -> None:
         while (data := self._batches.get()) is not None:

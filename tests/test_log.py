@@ -130,3 +130,16 @@ async def test_a_stalled_stream_never_blocks_the_loop_and_drops_past_the_limit()
     assert dropped["event"] == "request_log_dropped" and dropped["lines"] == 5
     writer.write(b"after close\n")  # written at once: no thread is left to do it
     assert bytes(sink.data).endswith(b"after close\n")
+
+
+async def test_close_waits_a_bounded_time_for_a_stalled_stream_and_drops_what_follows() -> None:
+    sink = StalledSink()
+    writer = log.BatchWriter(sink)  # type: ignore[arg-type]
+    writer.write(b"first\n")
+    await asyncio.to_thread(writer.close, 0.1)  # returns although the sink still blocks
+    writer.write(b"later\n")  # a stop must not hang on it: dropped, not written at once
+    sink.go.set()
+    async with asyncio.timeout(10):
+        while bytes(sink.data) != b"first\n":
+            await asyncio.sleep(0.01)
+    assert b"later" not in sink.data
