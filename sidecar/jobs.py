@@ -1,7 +1,8 @@
 """The video job map: which provider holds each job, and whether its one billable line is written.
 
 A small JSON file beside the ledger (``<ledger path>.jobs.json``), replaced atomically on every
-change, so a restart neither loses an open job nor bills a finished one twice.
+change, so a restart neither loses an open job nor bills a finished one twice. The write and its
+fsync run in a worker thread, one at a time and in the order of the changes.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ class JobBook:
         self._clock = clock
         self._jobs: dict[str, Job] = {}
         self.lock = asyncio.Lock()
+        self._saving = asyncio.Lock()
 
     def load(self) -> None:
         try:
@@ -65,9 +67,9 @@ class JobBook:
         jobs = raw.get("jobs", {}) if isinstance(raw, dict) else {}
         self._jobs = {key: Job.from_json(value) for key, value in jobs.items()}
 
-    def add(self, job: Job) -> None:
+    async def add(self, job: Job) -> None:
         self._jobs[job.id] = job
-        self._save()
+        await self._save()
 
     def get(self, job_id: str) -> Job | None:
         return self._jobs.get(job_id)
@@ -75,23 +77,31 @@ class JobBook:
     def open_jobs(self) -> Iterator[Job]:
         return iter([job for job in self._jobs.values() if not job.closed])
 
-    def mark_billed(self, job_id: str) -> None:
+    async def mark_billed(self, job_id: str) -> None:
         job = self._jobs[job_id]
         job.billed = job.closed = True
-        self._save()
+        await self._save()
 
-    def mark_closed(self, job_id: str) -> None:
+    async def mark_closed(self, job_id: str) -> None:
         self._jobs[job_id].closed = True
-        self._save()
+        await self._save()
 
     def new_job(self, **values: Any) -> Job:
         return Job(created=self._clock(), **values)
 
-    def _save(self) -> None:
-        data = orjson.dumps(
-            {"jobs": {key: asdict(job) for key, job in self._jobs.items()}},
-            option=orjson.OPT_INDENT_2,
-        )
+    async def _save(self) -> None:
+        # Shielded: a cancelled caller must not let the next save start while this write runs.
+        await asyncio.shield(self._save_in_order())
+
+    async def _save_in_order(self) -> None:
+        async with self._saving:  # one write at a time, each of the newest snapshot
+            data = orjson.dumps(
+                {"jobs": {key: asdict(job) for key, job in self._jobs.items()}},
+                option=orjson.OPT_INDENT_2,
+            )
+            await asyncio.to_thread(self._write, data)
+
+    def _write(self, data: bytes) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         temporary = self.path.with_name(self.path.name + ".tmp")
         with open(temporary, "wb") as out:

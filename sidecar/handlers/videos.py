@@ -173,7 +173,7 @@ async def _created(request: web.Request, exchange: Exchange, reply: Reply) -> we
             requested=exchange.requested,
             per_second=str(target.spec.per_second or 0),
         )
-        book.add(job)
+        await book.add(job)
         cost = await observe(book, exchange, job, reply, unbilled_line=True)
         headers["X-TokenHub-Cost-USD"] = billing.usd(cost)
     exchange.info.status = reply.status
@@ -358,7 +358,7 @@ async def observe(
     body = reply.body
     state = body.get("status") if body is not None and not reply.passed_back else None
     if state == "failed" and not job.closed:
-        book.mark_closed(job.id)
+        await book.mark_closed(job.id)
     if state == "completed":
         async with book.lock:
             if not job.billed:
@@ -376,7 +376,7 @@ async def observe(
                     cost,
                     billable=True,
                 )
-                book.mark_billed(job.id)
+                await book.mark_billed(job.id)
                 if exchange.surface is not VIDEOS:
                     passthrough.charge(exchange.runtime, cost.total)  # no reservation held it
                 return cost.total
