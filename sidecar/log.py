@@ -91,7 +91,8 @@ def configure(
     """
     out = stream or sys.stderr
     tty = out.isatty()
-    writer = BatchWriter(out.buffer) if background else None
+    binary = getattr(out, "buffer", None)  # a StringIO has none: then lines go out at once
+    writer = BatchWriter(binary) if background and binary is not None else None
     as_json = format == "json" or (format == "auto" and not tty)
     renderer: Any = (
         structlog.processors.JSONRenderer(serializer=_orjson_dumps)
