@@ -14,7 +14,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 import aiohttp
 import orjson
@@ -33,6 +33,8 @@ from .context import request_info
 from .exchange import Exchange, Surface, ensure_ledger
 
 CHUNK_BYTES = 1 << 16
+# A spool's writes and reads go to a worker thread this many bytes at a time, not on the loop.
+SPOOL_IO_BYTES = 1 << 20
 NOT_CACHED = Decision(False, False, "not a cached endpoint")
 
 Send = Callable[[Upstream, Target], Awaitable[aiohttp.ClientResponse]]
@@ -196,7 +198,7 @@ class Spool:
         """The body for one attempt: the provider's model name, then the spooled parts."""
         yield self._model_part(upstream_model)
         with open(self.path, "rb") as spooled:
-            while chunk := spooled.read(CHUNK_BYTES):
+            while chunk := await asyncio.to_thread(spooled.read, SPOOL_IO_BYTES):
                 yield chunk
 
     def headers(self, upstream_model: str) -> dict[str, str]:
@@ -240,29 +242,55 @@ async def spool_multipart(request: web.Request, limit: int, folder: str | None) 
     handle, path = tempfile.mkstemp(prefix="tokenhub-upload-", dir=folder)
     spool = Spool(path, "tokenhub-" + uuid.uuid4().hex)
     try:
-        with os.fdopen(handle, "wb") as out:
+        with os.fdopen(handle, "wb") as file:
+            out = _SpoolWriter(file)
             reader = await request.multipart()
             while (part := await reader.next()) is not None:
                 if not isinstance(part, aiohttp.BodyPartReader) or not part.name:
                     raise InvalidRequest("a multipart part has no field name (or is nested).")
                 await _copy_part(part, spool, out, limit)
             closing = f"--{spool.boundary}--\r\n".encode()
-            out.write(closing)
+            await out.write(closing)
             spool.size += len(closing)
+            await out.flush()
     except BaseException:
         spool.close()
         raise
     return spool
 
 
-async def _copy_part(part: aiohttp.BodyPartReader, spool: Spool, out: Any, limit: int) -> None:
+class _SpoolWriter:
+    """Gathers a spool's bytes and writes them from a worker thread, a megabyte at a time."""
+
+    def __init__(self, file: BinaryIO) -> None:
+        self._file = file
+        self._parts: list[bytes] = []
+        self._size = 0
+
+    async def write(self, data: bytes) -> None:
+        self._parts.append(data)
+        self._size += len(data)
+        if self._size >= SPOOL_IO_BYTES:
+            await self.flush()
+
+    async def flush(self) -> None:
+        if self._parts:
+            data = b"".join(self._parts)
+            self._parts.clear()
+            self._size = 0
+            await asyncio.to_thread(self._file.write, data)
+
+
+async def _copy_part(
+    part: aiohttp.BodyPartReader, spool: Spool, out: _SpoolWriter, limit: int
+) -> None:
     name = part.name or ""
     if name == "model" and part.filename is None:
         spool.model = (await part.text()).strip()
         return
     content_type = part.headers.get("Content-Type") if part.filename is not None else None
     head = _part_head(spool.boundary, name, part.filename, content_type)
-    out.write(head)
+    await out.write(head)
     spool.size += len(head)
     kept = bytearray() if part.filename is None else None
     while chunk := await part.read_chunk(CHUNK_BYTES):
@@ -272,10 +300,10 @@ async def _copy_part(part: aiohttp.BodyPartReader, spool: Spool, out: Any, limit
                 f"The request body is larger than server.max_body_bytes ({limit} bytes); "
                 "send a smaller file or raise the limit in the config."
             )
-        out.write(chunk)
+        await out.write(chunk)
         if kept is not None and len(kept) <= _KEPT_FIELD_BYTES:
             kept += chunk
-    out.write(b"\r\n")
+    await out.write(b"\r\n")
     spool.size += 2
     if kept is not None and len(kept) <= _KEPT_FIELD_BYTES:
         spool.fields[name] = kept.decode("utf-8", "replace")
