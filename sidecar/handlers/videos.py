@@ -87,7 +87,7 @@ def install(app: web.Application) -> None:
 async def _jobs_ctx(app: web.Application) -> AsyncIterator[None]:
     jobs = app[JOBS]
     book = JobBook(jobs_path(app[LIVE].current.settings.ledger.path))
-    book.load()
+    await asyncio.to_thread(book.load)
     jobs.book = book
     poller = asyncio.ensure_future(jobs.run(app))
     try:
