@@ -159,8 +159,13 @@ async def spawn(
     env: Mapping[str, str] | None = None,
     argv: Sequence[str] | None = None,
     pass_fds: Sequence[int] = (),
+    stderr: int | None = None,
 ) -> Daemon:
-    """Start the daemon; returns at once (see ``start`` to wait until it listens)."""
+    """Start the daemon; returns at once (see ``start`` to wait until it listens).
+
+    ``stderr``: a descriptor for the daemon's stderr, which the caller then reads (or not);
+    by default a pipe read into ``Daemon.stderr``.
+    """
     environ = {k: v for k, v in os.environ.items() if not k.startswith(("LISTEN_", "NOTIFY_"))}
     environ.update({"PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", **(env or {})})
     args = argv or ["-m", "sidecar", "serve", "-c", str(config_path)]
@@ -171,16 +176,15 @@ async def spawn(
         env=environ,
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE if stderr is None else stderr,
         pass_fds=tuple(pass_fds),
         limit=1 << 20,
     )
     daemon = Daemon(proc, config_path)
-    assert proc.stdout is not None and proc.stderr is not None
-    daemon.readers = [
-        asyncio.ensure_future(_read(daemon, proc.stdout, daemon.stdout)),
-        asyncio.ensure_future(_read(daemon, proc.stderr, daemon.stderr)),
-    ]
+    assert proc.stdout is not None
+    daemon.readers = [asyncio.ensure_future(_read(daemon, proc.stdout, daemon.stdout))]
+    if proc.stderr is not None:
+        daemon.readers.append(asyncio.ensure_future(_read(daemon, proc.stderr, daemon.stderr)))
     return daemon
 
 

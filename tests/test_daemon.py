@@ -10,7 +10,6 @@ import os
 import signal
 import socket
 import stat
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -22,11 +21,11 @@ from .conftest import provider
 from .fakes import FakeUpstream, ok
 from .process import (
     ACTIVATION_WRAPPER,
-    ROOT,
     START_TIMEOUT_S,
     chat,
     ledger_lines,
     running,
+    spawn,
     write_config,
 )
 
@@ -238,19 +237,8 @@ async def test_requests_go_on_while_nobody_reads_stderr(tmp_path: Path, fake_ups
     read_end, write_end = os.pipe()
     fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, 4096)  # full after about a dozen request lines
     os.set_blocking(read_end, False)
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "sidecar",
-        "serve",
-        "-c",
-        str(path),
-        cwd=str(tmp_path),
-        env={**os.environ, "PYTHONPATH": str(ROOT), "ALPHA_KEY": "sk-alpha-stderr-test"},
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=write_end,
-    )
+    daemon = await spawn(path, env={"ALPHA_KEY": "sk-alpha-stderr-test"}, stderr=write_end)
+    proc = daemon.proc
     os.close(write_end)
     seen = bytearray()
 
@@ -286,9 +274,7 @@ async def test_requests_go_on_while_nobody_reads_stderr(tmp_path: Path, fake_ups
                 await asyncio.sleep(0.02)
         drain()
     finally:
-        if proc.returncode is None:
-            proc.kill()
-        await proc.wait()
+        await daemon.stop()
         os.close(read_end)
     assert proc.returncode == 0
     logged = [json.loads(line) for line in seen.splitlines() if line.startswith(b"{")]
