@@ -170,6 +170,7 @@ class _WriteFailed(Exception):
 _Item = tuple[bytes, bytes, "asyncio.Future[None]"]
 # Called on the loop with what a blocking call returned, or what it raised.
 _Done = Callable[[Any, BaseException | None], None]
+_Job = tuple[Callable[..., Any], tuple[Any, ...], _Done]
 
 
 class _IoThread:
@@ -179,8 +180,7 @@ class _IoThread:
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        self._jobs: queue.SimpleQueue[tuple[Callable[..., Any], tuple[Any, ...], _Done] | None]
-        self._jobs = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._serve, name="ledger-io", daemon=True)
         self._thread.start()
 

@@ -228,7 +228,7 @@ def _dropped_line(lines: int) -> bytes:
         "event": "request_log_dropped",
         "level": "warning",
         "lines": lines,
-        "why": "stderr took no data while the request log's buffer was full",
+        "why": "stderr took no data while the log writer's buffer was full",
     }
     return orjson.dumps(event, option=orjson.OPT_APPEND_NEWLINE)
 
