@@ -215,7 +215,11 @@ def guard_for(live: Live, metrics: Metrics, request_log: RequestLog, ids: Reques
             in_flight.dec()
             if response is not None and not response.prepared:
                 response.headers.setdefault("X-Request-Id", info.request_id)
-            _log_line(request, info, response, metrics, request_log)
+            # aiohttp sends a returned response before the loop runs the next callback, so the
+            # log line and request metrics come after the answer's last byte, not before it.
+            asyncio.get_running_loop().call_soon(
+                _log_line, request, info, response, metrics, request_log
+            )
 
     return guard
 

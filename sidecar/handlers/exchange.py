@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -213,10 +214,10 @@ async def record(
     if estimated is not None and outcome != "ok":
         record["estimated_usd"] = billing.usd(estimated)
     await runtime.ledger.append(record)
-    _observe_attempts(runtime, attempts, stream=exchange.stream)
-    runtime.metrics.add_spend(target.provider, target.model, cost.total)
-    if saved:
-        runtime.metrics.add_saved(target.model, saved)
+    # Counted once the loop turns, which is after the answer (or its last event) went out.
+    asyncio.get_running_loop().call_soon(
+        _count, runtime.metrics, target, attempts, exchange.stream, cost.total, saved
+    )
     return fees["total_usd"]
 
 
@@ -240,10 +241,19 @@ def attempt_outcome(attempt: Attempt) -> str:
     return "invalid_response"
 
 
-def _observe_attempts(runtime: Runtime, attempts: list[Attempt], *, stream: bool) -> None:
-    metrics = runtime.metrics
+def _count(
+    metrics: Metrics,
+    target: Target,
+    attempts: list[Attempt],
+    stream: bool,
+    spent: Decimal,
+    saved: Decimal | None,
+) -> None:
     for attempt in attempts:
         outcome = attempt_outcome(attempt)
         metrics.observe_attempt(attempt.provider, outcome, attempt.ms / 1000, stream=stream)
     if len(attempts) > 1:
         metrics.failovers.inc(len(attempts) - 1)
+    metrics.add_spend(target.provider, target.model, spent)
+    if saved:
+        metrics.add_saved(target.model, saved)
