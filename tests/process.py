@@ -115,10 +115,13 @@ class Daemon:
     def events(self) -> list[str]:
         return [str(line.get("event")) for line in self.log_lines()]
 
-    async def wait_for_event(self, event: str, timeout: float = 10.0) -> dict[str, Any]:
+    async def wait_for_event(
+        self, event: str, timeout: float = 10.0, *, after: int = 0
+    ) -> dict[str, Any]:
+        """The first log line with ``event`` past the first ``after`` lines (see ``events``)."""
         async with asyncio.timeout(timeout):
             while True:
-                for line in self.log_lines():
+                for line in self.log_lines()[after:]:
                     if line.get("event") == event:
                         return line
                 if self.proc.returncode is not None:

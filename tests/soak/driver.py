@@ -11,7 +11,6 @@ import contextlib
 import json
 import os
 import random
-import signal
 import socket
 import sys
 from collections.abc import Callable, Mapping
@@ -22,7 +21,6 @@ from typing import Any
 import aiohttp
 
 ROOT = Path(__file__).resolve().parents[2]
-START_TIMEOUT_S = 20.0
 KINDS = ("chat", "chat_stream", "embedding", "repeat", "repeat_stream", "disconnect")
 DEFAULT_WEIGHTS: Mapping[str, float] = {
     "chat": 25,
@@ -40,90 +38,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-# -- the daemon process ----------------------------------------------------------------------
-
-
-@dataclass
-class Daemon:
-    """A ``python -m sidecar serve`` child; its stderr is read all the time and kept."""
-
-    proc: asyncio.subprocess.Process
-    stderr: bytearray = field(default_factory=bytearray)
-    reader: asyncio.Task[None] | None = None
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def events(self) -> list[str]:
-        found = []
-        for raw in bytes(self.stderr).splitlines():
-            with contextlib.suppress(ValueError):
-                line = json.loads(raw)
-                if isinstance(line, dict):
-                    found.append(str(line.get("event")))
-        return found
-
-    async def wait_for_event(self, event: str, *, after: int = 0, timeout: float = 15) -> None:
-        """Wait until ``event`` shows up among the log lines past the first ``after``."""
-        async with asyncio.timeout(timeout):
-            while event not in self.events()[after:]:
-                if self.proc.returncode is not None:
-                    raise AssertionError(f"daemon exited before {event!r}:\n{self.output()}")
-                await asyncio.sleep(0.05)
-
-    def output(self) -> str:
-        return bytes(self.stderr).decode("utf-8", "replace")[-20000:]
-
-    async def kill(self) -> None:
-        if self.proc.returncode is None:
-            self.proc.send_signal(signal.SIGKILL)
-        await self.proc.wait()
-        if self.reader is not None:
-            await self.reader
-
-    async def terminate(self, timeout: float = 20) -> int:
-        if self.proc.returncode is None:
-            self.proc.send_signal(signal.SIGTERM)
-        async with asyncio.timeout(timeout):
-            code = await self.proc.wait()
-        if self.reader is not None:
-            await self.reader
-        return code
-
-
-async def _read_all(stream: asyncio.StreamReader, into: bytearray) -> None:
-    while chunk := await stream.read(1 << 16):
-        into += chunk
-
-
-async def start_daemon(config_path: Path, env: Mapping[str, str]) -> Daemon:
-    environ = {k: v for k, v in os.environ.items() if not k.startswith(("LISTEN_", "NOTIFY_"))}
-    environ.update({"PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", **env})
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "sidecar",
-        "serve",
-        "-c",
-        str(config_path),
-        cwd=str(config_path.parent),
-        env=environ,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    assert proc.stderr is not None
-    daemon = Daemon(proc)
-    daemon.reader = asyncio.ensure_future(_read_all(proc.stderr, daemon.stderr))
-    try:
-        await daemon.wait_for_event("listening", timeout=START_TIMEOUT_S)
-    except BaseException:
-        await daemon.kill()
-        raise
-    return daemon
 
 
 async def verify_ledger(path: Path) -> tuple[int, str]:

@@ -23,8 +23,8 @@ import pytest
 
 from sidecar.ledger import rotated_numbers, rotated_path
 
+from ..process import Daemon, start
 from .driver import (
-    Daemon,
     Driver,
     Result,
     RssSampler,
@@ -32,7 +32,6 @@ from .driver import (
     free_port,
     open_fds,
     rss_bytes,
-    start_daemon,
     verify_ledger,
 )
 from .upstream import ChaosUpstream, Served
@@ -181,11 +180,11 @@ class Soak:
         for fake in self.all_fakes().values():
             await fake.start()
         write_config(self.config, self.port, self.all_fakes(), ttl_s=600)
-        self.daemon = await start_daemon(self.config, self.env)
+        self.daemon = await start(self.config, env=self.env)
 
     async def close(self) -> None:
         if self.daemon is not None:
-            await self.daemon.kill()
+            await self.daemon.stop()
             (self.tmp / "daemon.log").write_bytes(bytes(self.daemon.stderr))
         for fake in self.all_fakes().values():
             await fake.close()
@@ -200,9 +199,9 @@ class Soak:
     async def kill_and_restart(self) -> None:
         assert self.daemon is not None
         killed_at = self.clock()
-        await self.daemon.kill()
+        await self.daemon.stop()
         (self.tmp / "daemon-before-kill.log").write_bytes(bytes(self.daemon.stderr))
-        self.daemon = await start_daemon(self.config, self.env)
+        self.daemon = await start(self.config, env=self.env)
         self.kill_window = (killed_at, self.clock())
         self.figures["kill_window"] = self.kill_window
 
@@ -296,7 +295,8 @@ async def _run(soak: Soak) -> tuple[Driver, list[dict[str, Any]], RssSampler]:
     soak.figures["idle_at_end"] = await _settled_reading(soak, driver)
     sampling.cancel()
     assert soak.daemon is not None
-    code = await soak.daemon.terminate()
+    soak.daemon.signal(signal.SIGTERM)
+    code = await soak.daemon.wait()
     assert code == 0, soak.daemon.output()
     records = ledger_records(soak.ledger)
     verified, said = await verify_ledger(soak.ledger)
