@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint typecheck bench bench-peers soak clean
+.PHONY: demo test lint typecheck bench bench-peers bench-instructions soak clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is needed, found " + sys.version.split()[0])'
@@ -28,6 +28,9 @@ bench: $(STAMP)
 
 bench-peers: $(STAMP)
 	$(BIN)/python bench/run.py --peers
+
+bench-instructions: $(STAMP)
+	$(BIN)/python bench/instructions.py
 
 soak: $(STAMP)
 	SOAK_SECONDS=$${SOAK_SECONDS:-600} $(BIN)/python -m pytest tests/soak -q -p no:cacheprovider

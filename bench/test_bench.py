@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
+import instructions
 import orjson
 import pytest
 import run
@@ -162,3 +165,37 @@ def test_table_marks_failures_and_ratios() -> None:
     assert "0.50x/s, +0.50 ms" in floor_line
     sidecar_line = next(line for line in text.splitlines() if "| sidecar |" in line)
     assert "did not start (exit 2): boom" in sidecar_line
+
+
+def test_total_instructions_reads_each_files_totals(tmp_path: Path) -> None:
+    dumped = tmp_path / "sidecar.callgrind.42.1"
+    dumped.write_text("events: Ir\nsummary: 0\nfl=x\n1 5\ntotals: 961853000\n")
+    at_exit = tmp_path / "sidecar.callgrind.42"
+    at_exit.write_text("events: Ir\nsummary: 1200\n")
+    assert instructions.total_instructions([dumped, at_exit]) == 961_854_200
+
+
+def test_instructions_says_how_to_get_valgrind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert instructions.main(["--only", "chat1", "--out", str(tmp_path / "out.md")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [instructions.VALGRIND_MISSING]
+    assert not (tmp_path / "out.md").exists()
+
+
+@pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind is not installed")
+def test_instructions_counts_the_floor_and_the_sidecar(tmp_path: Path) -> None:
+    out = tmp_path / "instructions.md"
+    cpus = os.sched_getaffinity(0)
+    assert instructions.main(["--quick", "--only", "chat1", "--out", str(out)]) == 0
+    assert os.sched_getaffinity(0) == cpus
+    row = next(line for line in out.read_text().splitlines() if line.startswith("| chat, 1"))
+    _, _, requests, floor, sidecar, ratio, _ = (cell.strip() for cell in row.split("|"))
+    assert requests == "100"
+    floor_count, sidecar_count = int(floor.replace(",", "")), int(sidecar.replace(",", ""))
+    # A proxied request in Python is hundreds of thousands of instructions; a broken count is 0.
+    assert 100_000 < floor_count < 10_000_000
+    assert 100_000 < sidecar_count < 10_000_000
+    assert ratio == f"{sidecar_count / floor_count:.2f}x"
