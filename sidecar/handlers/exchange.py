@@ -216,7 +216,7 @@ async def record(
     await runtime.ledger.append(record)
     # Counted once the loop turns, which is after the answer (or its last event) went out.
     asyncio.get_running_loop().call_soon(
-        _count, runtime.metrics, target, attempts, exchange.stream, cost.total, saved
+        _count_metrics, runtime.metrics, target, attempts, exchange.stream, cost.total, saved
     )
     return fees["total_usd"]
 
@@ -241,7 +241,7 @@ def attempt_outcome(attempt: Attempt) -> str:
     return "invalid_response"
 
 
-def _count(
+def _count_metrics(
     metrics: Metrics,
     target: Target,
     attempts: list[Attempt],
