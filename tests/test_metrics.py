@@ -152,3 +152,6 @@ async def test_attempts_failovers_latency_and_in_flight_reach_metrics(
     assert 'tokenhub_upstream_latency_seconds_count{provider="beta"} 1.0' in text
     assert 'tokenhub_time_to_first_token_seconds_count{provider="beta"} 1.0' in text
     assert "tokenhub_requests_in_flight 0.0" in text
+    # Spend and the request counter are counted after each answer went out, before the next.
+    assert 'tokenhub_spend_usd_total{model="deepseek-v3.2",provider="beta"}' in text
+    assert 'tokenhub_requests_total{endpoint="/v1/chat/completions",model="deepseek-v3.2",' in text
