@@ -146,10 +146,15 @@ def count(scenario: Scenario, target: str, workdir: Path, cpu: int | None) -> tu
         url = f"http://127.0.0.1:{port}/v1/chat/completions"
         warmup = min(WARMUP_REQUESTS, scenario.requests)
         asyncio.run(drive(url, warmup, scenario.concurrency, scenario.stream))
-        callgrind_control("-i", "on", str(pid))
-        failed = asyncio.run(drive(url, scenario.requests, scenario.concurrency, scenario.stream))
-        callgrind_control("-i", "off", str(pid))
-        callgrind_control("-d", str(pid))
+        try:
+            callgrind_control("-i", "on", str(pid))
+            failed = asyncio.run(
+                drive(url, scenario.requests, scenario.concurrency, scenario.stream)
+            )
+            callgrind_control("-i", "off", str(pid))
+            callgrind_control("-d", str(pid))
+        except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
+            return 0, f"{target}: callgrind_control did not answer ({exc})"
     if failed:
         return 0, f"{target}: {failed} of {scenario.requests} requests failed"
     files = sorted(workdir.glob(f"{out.name}.{pid}*"))
