@@ -29,7 +29,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import aiohttp
-import orjson
 import run
 
 VALGRIND_MISSING = (
@@ -74,20 +73,9 @@ def total_instructions(files: Sequence[Path]) -> int:
     return total
 
 
-def chat_body(stream: bool) -> bytes:
-    body: dict[str, object] = {
-        "model": run.MODEL,
-        "messages": [{"role": "user", "content": "Say twenty words."}],
-        "temperature": 0.7,
-    }
-    if stream:
-        body["stream"] = True
-    return orjson.dumps(body)
-
-
 async def drive(url: str, requests: int, concurrency: int, stream: bool) -> int:
     """Send ``requests`` requests over ``concurrency`` connections; the number that failed."""
-    body = chat_body(stream)
+    body = run.chat_body(0.7, stream=stream)
     left = requests
     failed = 0
     timeout = aiohttp.ClientTimeout(total=600)
@@ -125,14 +113,10 @@ def server_argv(target: str, workdir: Path, port: int, up_port: int) -> list[str
 def count(scenario: Scenario, target: str, workdir: Path, cpu: int | None) -> tuple[int, str]:
     """(instructions per request, '') or (0, why not)."""
     with run.Procs(workdir, cpu) as procs:
-        up_port = run.free_port()
-        upstream_argv = [run.PY, str(run.BENCH / "upstream.py"), "--port", str(up_port)]
-        upstream_argv += ["--chunks", str(scenario.chunks)]
-        upstream_argv += ["--chunk-delay-ms", str(scenario.delay_ms)]
-        up_pid = procs.start("upstream", upstream_argv)
-        problem = procs.wait_ready("upstream", up_pid, f"http://127.0.0.1:{up_port}/-/health", 10)
-        if problem:
-            return 0, f"upstream {problem}"
+        upstream = run.start_upstream(procs, "upstream", scenario.chunks, scenario.delay_ms)
+        if upstream.problem:
+            return 0, f"upstream {upstream.problem}"
+        up_port = upstream.port
         port = run.free_port()
         out = workdir / f"{target}.callgrind"
         valgrind = ["valgrind", "--tool=callgrind", "--instr-atstart=no"]

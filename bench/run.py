@@ -74,6 +74,10 @@ class Target:
     headers: dict[str, str] = field(default_factory=dict)
     problem: str = ""
 
+    @property
+    def port(self) -> int:
+        return int(self.base_url.rsplit(":", 1)[1])
+
 
 @dataclass
 class Row:
@@ -250,24 +254,8 @@ class Group:
 
 def start_group(procs: Procs, group: Group, label: str) -> tuple[Target, list[Target]]:
     """Start the group's servers; (direct target, proxies). A proxy that fails has .problem."""
-    up_port = free_port()
-    up_pid = procs.start(
-        f"{label}-upstream",
-        [
-            PY,
-            str(BENCH / "upstream.py"),
-            "--port",
-            str(up_port),
-            "--chunks",
-            str(group.chunks),
-            "--chunk-delay-ms",
-            str(group.delay_ms),
-        ],
-    )
-    direct = Target("direct", f"http://127.0.0.1:{up_port}", up_pid)
-    direct.problem = procs.wait_ready(
-        f"{label}-upstream", up_pid, f"{direct.base_url}/-/health", 10
-    )
+    direct = start_upstream(procs, f"{label}-upstream", group.chunks, group.delay_ms)
+    up_port = direct.port
     proxies = []
     if group.floor:
         proxies.append(start_floor(procs, label, up_port))
@@ -275,6 +263,16 @@ def start_group(procs: Procs, group: Group, label: str) -> tuple[Target, list[Ta
     for name in group.peers:
         proxies.append(start_peer(procs, name, label, up_port))
     return direct, proxies
+
+
+def start_upstream(procs: Procs, name: str, chunks: int, delay_ms: float) -> Target:
+    """The fake upstream, as the "direct" target; ``.problem`` if it did not start."""
+    port = free_port()
+    argv = [PY, str(BENCH / "upstream.py"), "--port", str(port)]
+    pid = procs.start(name, [*argv, "--chunks", str(chunks), "--chunk-delay-ms", str(delay_ms)])
+    direct = Target("direct", f"http://127.0.0.1:{port}", pid)
+    direct.problem = procs.wait_ready(name, pid, f"{direct.base_url}/-/health", 10)
+    return direct
 
 
 def start_floor(procs: Procs, label: str, up_port: int) -> Target:
@@ -335,14 +333,15 @@ def start_peer(procs: Procs, name: str, label: str, up_port: int) -> Target:
 # ---------------------------------------------------------------- drivers
 
 
-def chat_body(temperature: float) -> bytes:
-    return orjson.dumps(
-        {
-            "model": MODEL,
-            "messages": [{"role": "user", "content": "Say twenty words."}],
-            "temperature": temperature,
-        }
-    )
+def chat_body(temperature: float, *, stream: bool = False) -> bytes:
+    body: dict[str, Any] = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "Say twenty words."}],
+        "temperature": temperature,
+    }
+    if stream:
+        body["stream"] = True
+    return orjson.dumps(body)
 
 
 def wrk_script(path: Path, body: bytes, headers: dict[str, str]) -> Path:
