@@ -91,8 +91,9 @@ async def make_ledger(tmp_path: Path) -> AsyncIterator[Callable[..., Ledger]]:
         await ledger.close()
 
 
-async def wait_until(condition: Callable[[], bool]) -> None:
-    for _ in range(500):
+async def wait_until(condition: Callable[[], bool], *, tries: int = 500) -> None:
+    """Poll ``condition`` every 10 ms, ``tries`` times at most."""
+    for _ in range(tries):
         if condition():
             return
         await asyncio.sleep(0.01)

@@ -32,6 +32,7 @@ from sidecar.usage import (
     verify,
 )
 
+from .test_ledger import wait_until
 from .test_usage import MODELS, OUTCOMES, full, run_usage, usage_json, write_ledger
 
 START = datetime(2025, 3, 1, 20, 0, tzinfo=UTC)
@@ -322,11 +323,7 @@ async def test_a_stale_or_tampered_summary_is_not_used(ledger: Path, edit: Edit)
 
 
 async def wait_for(condition: Callable[[], bool]) -> None:
-    for _ in range(1000):  # up to ~10 s on a loaded machine
-        if condition():
-            return
-        await asyncio.sleep(0.01)
-    assert condition()
+    await wait_until(condition, tries=1000)  # up to ~10 s on a loaded machine
 
 
 def tmp_leftovers(folder: Path) -> list[str]:
