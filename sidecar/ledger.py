@@ -25,9 +25,7 @@ import errno
 import fcntl
 import hashlib
 import os
-import queue
 import re
-import threading
 from collections.abc import Callable, Coroutine, Mapping
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -40,6 +38,7 @@ import orjson
 from sidecar.billing import usd
 from sidecar.config import LedgerConfig
 from sidecar.errors import LedgerUnavailable
+from sidecar.iothread import IoThread
 from sidecar.ledger_summary import load, write_summary
 from sidecar.log import UtcStamps, get_logger
 
@@ -168,54 +167,6 @@ class _WriteFailed(Exception):
 
 # A queued line: its ``ts``, its fields as JSON without the braces, and who waits for it.
 _Item = tuple[bytes, bytes, "asyncio.Future[None]"]
-# Called on the loop with what a blocking call returned, or what it raised.
-_Done = Callable[[Any, BaseException | None], None]
-_Job = tuple[Callable[..., Any], tuple[Any, ...], _Done]
-
-
-class _IoThread:
-    """One thread that runs the ledger's blocking calls in order and hands each outcome back to
-    the loop: a queue put, and one wake-up of the loop per call, where ``asyncio.to_thread`` also
-    copies the context and chains two futures."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
-        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._serve, name="ledger-io", daemon=True)
-        self._thread.start()
-
-    def submit(self, call: Callable[..., Any], args: tuple[Any, ...], done: _Done) -> None:
-        self._jobs.put((call, args, done))
-
-    async def run(self, call: Callable[..., Any], *args: Any) -> Any:
-        future = self._loop.create_future()
-        self.submit(call, args, partial(_settle, future))
-        return await future
-
-    async def stop(self) -> None:
-        self._jobs.put(None)
-        await asyncio.to_thread(self._thread.join)
-
-    def _serve(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            call, args, done = job
-            try:
-                outcome: tuple[Any, BaseException | None] = (call(*args), None)
-            except BaseException as exc:  # handed to the loop, as to_thread would
-                outcome = (None, exc)
-            try:
-                self._loop.call_soon_threadsafe(done, *outcome)
-            except RuntimeError:  # the loop is closed: nobody waits any more
-                pass
-
-
-def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
-    if future.cancelled():
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(result)
 
 
 class Ledger:
@@ -250,7 +201,7 @@ class Ledger:
         self._on_failure = on_failure
         self._pending: list[_Item] = []
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._io: _IoThread | None = None
+        self._io: IoThread | None = None
         self._busy = False  # a job runs on the I/O thread
         self._kicked = False  # _kick is scheduled
         self._sync_due = False  # the interval fsync goes with the next job
@@ -287,7 +238,7 @@ class Ledger:
         then back-fill the rotated files' summaries in the background."""
         rotated = await asyncio.to_thread(self._open_sync)
         self._loop = asyncio.get_running_loop()
-        self._io = _IoThread(self._loop)
+        self._io = IoThread(self._loop, "ledger-io")
         self._available = True
         self._last_sync = self._loop.time()
         self._track_summary(self._backfill_summaries(rotated), "ledger-summary-backfill")
