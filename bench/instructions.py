@@ -176,16 +176,18 @@ def report(counts: dict[str, dict[str, tuple[int, str]]], scenarios: Sequence[Sc
 
 
 def measure(
-    scenarios: Sequence[Scenario], cpu: int | None
+    scenarios: Sequence[Scenario], cpu: int | None, keep: Path | None = None
 ) -> dict[str, dict[str, tuple[int, str]]]:
-    """Each scenario's count for the floor and the sidecar, one server at a time."""
+    """Each scenario's count for the floor and the sidecar, one server at a time; with
+    ``keep``, each run's folder (its callgrind files, config and logs) stays there."""
     counts: dict[str, dict[str, tuple[int, str]]] = {}
     with tempfile.TemporaryDirectory(prefix="tokenhub-instructions-") as tmp:
+        base = Path(tmp) if keep is None else keep
         for sc in scenarios:
             for target in ("floor", "sidecar"):
                 print(f"  {sc.name}: {target} under callgrind", flush=True)
-                workdir = Path(tmp) / f"{sc.key}-{target}"
-                workdir.mkdir()
+                workdir = base / f"{sc.key}-{target}"
+                workdir.mkdir(parents=True, exist_ok=keep is not None)
                 counts.setdefault(sc.key, {})[target] = count(sc, target, workdir, cpu)
     return counts
 
@@ -195,6 +197,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="a tenth of the requests: a smoke run")
     parser.add_argument("--only", default=",".join(sc.key for sc in SCENARIOS))
     parser.add_argument("--out", type=Path, default=run.BENCH / "results" / "instructions.md")
+    parser.add_argument(
+        "--keep",
+        type=Path,
+        metavar="DIR",
+        help="keep each run's callgrind files in DIR (read them with callgrind_annotate)",
+    )
     return parser.parse_args(argv)
 
 
@@ -217,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     if pinned:
         os.sched_setaffinity(0, {0})
     try:
-        counts = measure(scenarios, 1 if pinned else None)
+        counts = measure(scenarios, 1 if pinned else None, args.keep)
     finally:
         os.sched_setaffinity(0, cpus)
     text = f"{run.machine()}; `python bench/instructions.py{' --quick' if args.quick else ''}`\n\n"
