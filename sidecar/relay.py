@@ -350,18 +350,9 @@ class Relay:
     async def _hold_until_content(self, stream: OpenStream) -> None:
         """Read and hold role-only and empty chunks until one carries content."""
         while True:
-            if not stream.pending:
-                try:
-                    data = await stream.response.content.readany()
-                except (aiohttp.ClientError, ConnectionError) as exc:
-                    raise UpstreamError(f"stream cut: {type(exc).__name__}") from None
-                if not data:
-                    raise UpstreamError("stream ended before any content")
-                stream.pending.extend(stream.decoder.feed(data))
-                if len(stream.decoder.pending) > MAX_EVENT_BYTES:
-                    raise UpstreamError("stream is not SSE")
-                continue
-            payload = stream.pending.popleft()
+            payload = await stream.next_payload()
+            if payload is None:
+                raise UpstreamError("stream ended before any content")
             chunk = _chunk_before_content(payload)
             stream.held.append((payload, chunk))
             if has_content(chunk):

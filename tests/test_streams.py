@@ -113,6 +113,38 @@ async def test_a_stream_fails_over_until_its_first_content(
     assert line["attempts"][0]["reason"] != "ok"
 
 
+ROLE_ONLY = {"choices": [{"index": 0, "delta": {"role": "assistant"}}]}
+PRE_CONTENT_REASONS = {
+    "an endless event": (Sse([ROLE_ONLY, b"x" * (2 << 20)], done=False), "stream event too large"),
+    "a body that ends inside an event": (
+        Sse([ROLE_ONLY, b'data: {"choices": ['], done=False),
+        "stream ended inside an event",
+    ),
+    "a body that ends between events": (
+        Sse([ROLE_ONLY], done=False),
+        "stream ended before any content",
+    ),
+    "[DONE] before content": (Sse([ROLE_ONLY]), "stream ended before any content"),
+}
+
+
+@pytest.mark.parametrize(
+    ("misbehaviour", "reason"), list(PRE_CONTENT_REASONS.values()), ids=list(PRE_CONTENT_REASONS)
+)
+async def test_the_ledger_says_why_a_stream_failed_before_content(
+    start_sidecar, make_settings, fake_upstream, misbehaviour, reason
+):
+    """The same reasons as after content (and as the Responses API's streams): one reader."""
+    sidecar, alpha, beta = await pair(start_sidecar, make_settings, fake_upstream)
+    alpha.script(misbehaviour)
+    beta.script(ok(content="from beta"))
+    code, _, events = await read_events(sidecar, STREAM)
+    assert code == 200 and text_of(events) == "from beta"
+    [line] = sidecar.ledger_lines()
+    assert line["attempts"][0]["provider"] == "alpha"
+    assert line["attempts"][0]["reason"].startswith(reason)
+
+
 async def test_a_stream_that_never_gets_content_anywhere_is_a_502(
     start_sidecar, make_settings, fake_upstream
 ):
