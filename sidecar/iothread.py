@@ -2,12 +2,13 @@
 
 The ledger hands it every write, fsync and rename. Each call's outcome goes back to the loop
 through a wake-up pipe the loop watches, and the thread runs under ``SCHED_BATCH`` where Linux
-has it. Both are there for the thread switches: a call costs two (the thread runs when the loop
-waits, the loop runs when the call is done), where ``call_soon_threadsafe`` and an ordinary
-thread cost about six on a busy core: the thread, woken while the loop holds the GIL, preempted
-the loop only to wait for the GIL, and the loop, woken while the thread still held it, did the
-same in turn. A batch thread is not run at its wake-up but at the loop's next wait (or the next
-tick), and ``os.write`` releases the GIL before it wakes the loop.
+has it. Both are there for the thread switches when the loop and the thread share a core: a call
+then costs two (the thread runs when the loop waits, the loop runs when the call is done), where
+an ordinary thread and ``call_soon_threadsafe`` cost about six. The thread, woken while the loop
+held the GIL, preempted the loop only to wait for the GIL; the loop, woken while the thread
+still held it, did the same in turn. A batch thread does not preempt at its wake-up (it runs at
+the loop's next wait, or the next tick), and ``os.write`` lets go of the GIL before it wakes the
+loop.
 """
 
 from __future__ import annotations
