@@ -188,9 +188,14 @@ def test_instructions_says_how_to_get_valgrind(
 @pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind is not installed")
 def test_instructions_counts_the_floor_and_the_sidecar(tmp_path: Path) -> None:
     out = tmp_path / "instructions.md"
+    kept = tmp_path / "runs"
     cpus = os.sched_getaffinity(0)
-    assert instructions.main(["--quick", "--only", "chat1", "--out", str(out)]) == 0
+    argv = ["--quick", "--only", "chat1", "--out", str(out), "--keep", str(kept)]
+    assert instructions.main(argv) == 0
     assert os.sched_getaffinity(0) == cpus
+    for target in ("floor", "sidecar"):
+        files = list((kept / f"chat1-{target}").glob(f"{target}.callgrind.*"))
+        assert files and instructions.total_instructions(files) > 0
     row = next(line for line in out.read_text().splitlines() if line.startswith("| chat, 1"))
     _, _, requests, floor, sidecar, ratio, _ = (cell.strip() for cell in row.split("|"))
     assert requests == "100"
