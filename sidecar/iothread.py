@@ -75,11 +75,12 @@ class IoThread:
                 pass
 
     def _deliver(self) -> None:
-        """On the loop: empty the wake-up pipe, then run every outcome that is in."""
+        """On the loop: read the wake-up pipe, then run every outcome that is in. One read
+        takes all a pipe holds in practice (a byte per outcome); were more left, the pipe would
+        stay readable and call this again."""
         try:
-            while os.read(self._wake_read, 4096):
-                pass
-        except BlockingIOError:
+            os.read(self._wake_read, 4096)
+        except BlockingIOError:  # stop() calls this whether or not a byte is waiting
             pass
         outcomes = self._outcomes
         while outcomes:
