@@ -22,6 +22,9 @@ CHARS_PER_TOKEN = 4
 _EXACT = Context(prec=60)
 _ZERO = Decimal(0)
 _NO_DETAILS: Mapping[str, Any] = MappingProxyType({})
+# Tuples, not ``dict | Mapping``: a union in an isinstance() call is built anew at every call.
+_MAPPINGS = (dict, Mapping)
+_AMOUNTS = (int, float, str)
 
 
 class Usage(NamedTuple):
@@ -69,6 +72,8 @@ ZERO = Cost(Decimal(0), Decimal(0), Decimal(0))
 
 def _count(value: object) -> int:
     """A token count from a JSON body: a non-negative int, anything else counts as 0."""
+    if type(value) is int:  # what orjson gives; not bool, which is an int subclass
+        return value if value > 0 else 0
     if isinstance(value, bool) or not isinstance(value, int):
         return 0
     return max(value, 0)
@@ -78,11 +83,11 @@ def _details(usage: Mapping[str, Any], key: str) -> Mapping[str, Any]:
     details = usage.get(key)
     if details is None:
         return _NO_DETAILS
-    return details if isinstance(details, dict | Mapping) else _NO_DETAILS
+    return details if isinstance(details, _MAPPINGS) else _NO_DETAILS
 
 
 def _seconds(value: object) -> Decimal:
-    if isinstance(value, bool) or not isinstance(value, int | float | str):
+    if value is None or isinstance(value, bool) or not isinstance(value, _AMOUNTS):
         return _ZERO
     try:
         amount = Decimal(str(value))
@@ -99,7 +104,7 @@ def usage_from_openai(usage: Mapping[str, Any] | None) -> Usage | None:
     ``input_tokens``/``output_tokens`` with ``input_tokens_details.cached_tokens``; audio
     transcription billed by duration reports ``seconds``.
     """
-    if not isinstance(usage, dict | Mapping):  # a dict (what orjson gives) is checked first
+    if not isinstance(usage, _MAPPINGS):  # a dict (what orjson gives) is checked first
         return None
     if "prompt_tokens" in usage or "completion_tokens" in usage:
         input_tokens = _count(usage.get("prompt_tokens"))
@@ -109,12 +114,9 @@ def usage_from_openai(usage: Mapping[str, Any] | None) -> Usage | None:
         input_tokens = _count(usage.get("input_tokens"))
         output_tokens = _count(usage.get("output_tokens"))
         cached = _count(_details(usage, "input_tokens_details").get("cached_tokens"))
-    return Usage(
-        input_tokens=input_tokens,
-        output_tokens=output_tokens,
-        cached_tokens=min(cached, input_tokens),
-        seconds=_seconds(usage.get("seconds")),
-    )
+    seconds = _seconds(usage.get("seconds"))
+    # Positional: a NamedTuple built with keywords costs twice as much.
+    return Usage(input_tokens, output_tokens, min(cached, input_tokens), 0, seconds)
 
 
 def _per_million(count: int, price: Decimal | None) -> Decimal:

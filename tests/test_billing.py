@@ -153,3 +153,38 @@ def test_estimate_tokens() -> None:
     assert estimate_tokens("") == 0
     assert estimate_tokens("abcd") == 1
     assert estimate_tokens("abcde") == 2
+
+
+@pytest.mark.parametrize(
+    ("reported", "expected"),
+    [
+        ({"prompt_tokens": 12, "completion_tokens": 20}, Usage(12, 20)),
+        ({"prompt_tokens": True, "completion_tokens": -3}, Usage(0, 0)),
+        ({"prompt_tokens": 7.0, "completion_tokens": "9"}, Usage(0, 0)),
+        (
+            {
+                "prompt_tokens": 10,
+                "completion_tokens": 1,
+                "prompt_tokens_details": {"cached_tokens": 99},
+            },
+            Usage(10, 1, cached_tokens=10),
+        ),
+        ({"input_tokens": 5, "output_tokens": 2, "prompt_tokens_details": None}, Usage(5, 2)),
+        ({"seconds": "1.5"}, Usage(seconds=Decimal("1.5"))),
+        ({"seconds": 3}, Usage(seconds=Decimal(3))),
+        ({"seconds": True}, Usage()),
+        ({"seconds": -1}, Usage()),
+        ({"seconds": "NaN"}, Usage()),
+        ({"seconds": "soon"}, Usage()),
+    ],
+)
+def test_reported_usage_counts_only_sane_numbers(
+    reported: dict[str, object], expected: Usage
+) -> None:
+    """A provider's odd usage (bools, negatives, floats for counts) bills nothing it cannot mean."""
+    assert usage_from_openai(reported) == expected
+
+
+def test_no_usage_object_is_no_usage() -> None:
+    assert usage_from_openai(None) is None
+    assert usage_from_openai([1, 2]) is None  # type: ignore[arg-type]
