@@ -57,7 +57,8 @@ def fee_rate(settings: Settings) -> Decimal:
 def build_runtime(
     settings: Settings, *, ledger: Ledger, budget: Budget, metrics: Metrics
 ) -> Runtime:
-    """Everything that one config decides; cheap enough to rebuild on every reload."""
+    """Everything that one config decides; cheap enough to rebuild on every reload. Runs on
+    the event loop (at startup and on SIGHUP)."""
     health = HealthBook(settings.providers)
     metrics.track_provider_states(lambda: {name: health.state(name) for name in health.names})
     upstreams = {p.name: Upstream(p, settings.routing) for p in settings.providers}
@@ -81,6 +82,7 @@ def build_runtime(
         metrics=metrics,
         redactor=redactor_for(settings),
         fee_rate=fee_rate(settings),
+        loop=asyncio.get_running_loop(),
     )
 
 
@@ -217,9 +219,7 @@ def guard_for(live: Live, metrics: Metrics, request_log: RequestLog, ids: Reques
                 response.headers.setdefault("X-Request-Id", info.request_id)
             # aiohttp sends a returned response before the loop runs the next callback, so the
             # log line and request metrics come after the answer's last byte, not before it.
-            asyncio.get_running_loop().call_soon(
-                _log_line, request, info, response, metrics, request_log
-            )
+            runtime.loop.call_soon(_log_line, request, info, response, metrics, request_log)
 
     return guard
 

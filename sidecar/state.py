@@ -43,6 +43,9 @@ class Runtime:
     metrics: Metrics
     redactor: Redactor
     fee_rate: Decimal
+    # Held for call_soon on the hot path: asyncio.get_running_loop() costs a getpid() syscall
+    # on Python 3.11.
+    loop: asyncio.AbstractEventLoop
     in_flight: int = 0
     retired: bool = False
     _idle: asyncio.Event = field(default_factory=asyncio.Event)

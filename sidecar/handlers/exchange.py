@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -215,7 +214,7 @@ async def record(
         record["estimated_usd"] = billing.usd(estimated)
     await runtime.ledger.append(record)
     # Counted once the loop turns, which is after the answer (or its last event) went out.
-    asyncio.get_running_loop().call_soon(
+    runtime.loop.call_soon(
         _count_metrics, runtime.metrics, target, attempts, exchange.stream, cost.total, saved
     )
     return fees["total_usd"]
