@@ -284,11 +284,15 @@ class Connection(asyncio.Protocol):
 
     async def stream(self, model: str, with_usage: bool, keep_alive: bool) -> None:
         shape = self.answers.shape
+        loop = asyncio.get_running_loop()
         try:
             role = chunk_event(model, {"role": "assistant", "content": ""})
             self.send(STREAM_HEAD + http_chunk(role))
+            # Chunk i is due i+1 delays after the role chunk, whenever the last one went out: a
+            # provider generates at its own pace, however busy the proxy reading it is.
+            start = loop.time()
             for i in range(shape.chunks):
-                await asyncio.sleep(shape.delay_s)
+                await asyncio.sleep(start + (i + 1) * shape.delay_s - loop.time())
                 self.send(http_chunk(chunk_event(model, {"content": f"w{i} "})))
             tail = chunk_event(model, {}, "stop")
             if with_usage:
