@@ -11,12 +11,13 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, overload
 
 import aiohttp
 import orjson
 
 from .errors import UpstreamFailed
+from .h1 import H1Response
 from .health import HealthBook, parse_retry_after
 from .scope import Scope, Target
 from .sweep import DeadlineSweep
@@ -271,6 +272,30 @@ class Relay:
         self._health.record_success(trail.current.provider)
         return Answer(trail.current, status, raw, content_type, None, trail.attempts)
 
+    @overload
+    async def _open(
+        self,
+        path: str,
+        target: Target,
+        body: Mapping[str, Any],
+        scope: Scope,
+        trail: Trail,
+        *,
+        stream: Literal[True],
+    ) -> aiohttp.ClientResponse | None: ...
+
+    @overload
+    async def _open(
+        self,
+        path: str,
+        target: Target,
+        body: Mapping[str, Any],
+        scope: Scope,
+        trail: Trail,
+        *,
+        stream: Literal[False],
+    ) -> H1Response | None: ...
+
     async def _open(
         self,
         path: str,
@@ -280,16 +305,20 @@ class Relay:
         trail: Trail,
         *,
         stream: bool,
-    ) -> aiohttp.ClientResponse | None:
-        """One attempt up to response headers; None (after recording why) if it must move on."""
+    ) -> aiohttp.ClientResponse | H1Response | None:
+        """One attempt up to response headers; None (after recording why) if it must move on.
+        A stream goes through aiohttp's client, a whole answer through the lean one."""
         if target not in scope.targets:
             raise AssertionError(f"plan left the scope: {target.provider}/{target.model}")
         trail.begin(target)
         upstream = self._upstreams[target.provider]
+        payload = upstream_body(body, target, stream=stream)
+        response: aiohttp.ClientResponse | H1Response
         try:
-            response = await upstream.open(
-                path, upstream_body(body, target, stream=stream), stream=stream
-            )
+            if stream:
+                response = await upstream.open(path, payload, stream=True)
+            else:
+                response = await upstream.post_json(path, payload)
         except UpstreamError as exc:
             self._fail(trail, None, exc.reason)
             return None

@@ -14,6 +14,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from .config import ProviderConfig, RoutingConfig
+from .h1 import BodyCut, H1Pool, H1Response, InvalidResponse
 
 USER_AGENT = "tokenhub-sidecar/0.1"
 
@@ -55,6 +56,12 @@ class Upstream:
         )
         if provider.api_key is not None:
             headers["Authorization"] = f"Bearer {provider.api_key.get_secret_value()}"
+        self._answers = H1Pool(
+            provider.base_url,
+            {**headers, "Accept-Encoding": "gzip, deflate"},
+            connect_timeout_s=routing.connect_timeout_s,
+            read_timeout_s=routing.first_byte_timeout_s,
+        )
         self._session = aiohttp.ClientSession(
             connector=connector
             or aiohttp.TCPConnector(
@@ -106,6 +113,21 @@ class Upstream:
                 )
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise self._failure(exc) from None
+
+    async def post_json(self, path: str, body: bytes) -> H1Response:
+        """POST a JSON body for a whole (non-stream) answer and return once its head arrived,
+        on the lean client (``h1.py``); its reads are bounded by ``first_byte_timeout_s``."""
+        try:
+            return await self._answers.post(path, "application/json", body)
+        except TimeoutError:
+            timeout_s = self._routing.first_byte_timeout_s
+            raise UpstreamError(f"no response headers within {timeout_s:g}s") from None
+        except InvalidResponse as exc:
+            raise UpstreamError(f"invalid response: {exc}") from None
+        except BodyCut:
+            raise UpstreamError("connection closed before response headers") from None
+        except OSError as exc:
+            raise UpstreamError(f"connect failed: {exc.strerror or exc}") from None
 
     async def send(
         self,
@@ -161,4 +183,5 @@ class Upstream:
             return 200 <= response.status < 300
 
     async def close(self) -> None:
+        self._answers.close()
         await self._session.close()

@@ -1,0 +1,442 @@
+"""A lean HTTP/1.1 client for the hot path: one POST, one whole answer, a keep-alive pool.
+
+aiohttp's client runs some 800 lines of Python per request (its session, request, connector,
+response and stream-reader objects): two fifths of the Python a proxied request runs, a third
+of its instructions. A plain chat, completion or embedding call needs none of what that buys
+(cookies, redirects, proxies, auth helpers, trace hooks, multipart), so it goes through this
+client; streams, uploads and every other endpoint keep aiohttp's.
+
+A connection goes back to the pool only after a complete, well-framed response that allows
+keep-alive. Anything else (a timeout, a cut, a response closed unread, a parse error, bytes
+nobody asked for) closes it, so a late answer can never be read as the reply to another request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import ssl
+import zlib
+from collections import deque
+from collections.abc import Mapping
+from typing import Final, cast
+
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+MAX_HEAD_BYTES: Final = 65536
+_NO_BODY_STATUSES = frozenset({204, 304})
+
+
+class InvalidResponse(Exception):
+    """The upstream's bytes are not an HTTP/1.x response head we can read."""
+
+
+class BodyCut(ConnectionError):
+    """The connection ended, or the bytes stopped making sense, before the body was whole."""
+
+
+class _Head:
+    __slots__ = ("status", "headers", "keep_alive", "chunked", "length", "encoding")
+
+    def __init__(self, status: int, headers: CIMultiDict[str], keep_alive: bool) -> None:
+        self.status = status
+        self.headers = headers
+        self.keep_alive = keep_alive
+        self.chunked = False
+        self.length: int | None = None  # None (and not chunked): until the connection closes
+        self.encoding = ""
+
+
+class _Connection(asyncio.Protocol):
+    """One upstream connection, reading one response at a time into memory."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self.idle_since = 0.0
+        self._buffer = bytearray()
+        self._head: _Head | None = None
+        self._chunks: list[bytes] = []
+        self._chunk_left = -1  # chunked: bytes of this chunk still to come; -1: a size line
+        self._head_waiter: asyncio.Future[_Head] | None = None
+        self._body_waiter: asyncio.Future[bytes] | None = None
+        self._expecting = False  # a response (or the rest of one) is due
+        self._last_read = 0.0
+        self._timeout_s = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+
+    # -- asyncio.Protocol ------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+
+    def data_received(self, data: bytes) -> None:
+        if not self._expecting:
+            self.abort()  # bytes nobody asked for: this connection is out of step
+            return
+        self._last_read = self._loop.time()
+        self._buffer += data
+        try:
+            self._advance()
+        except InvalidResponse as exc:
+            self._fail(exc)
+        except BodyCut as exc:
+            self._fail(exc)
+
+    def eof_received(self) -> bool:
+        return False  # close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if not self._expecting:
+            return
+        head = self._head
+        if head is not None and head.length is None and not head.chunked:
+            self._finish(bytes(self._buffer))  # a body that ends with the connection
+        else:
+            self._fail(BodyCut("connection closed"))
+
+    # -- one exchange ----------------------------------------------------------------------
+
+    def send(self, request: bytes, timeout_s: float) -> asyncio.Future[_Head]:
+        """Write ``request``; the future has the response head. No byte for ``timeout_s``
+        (before or within the body) fails it, or the body, with TimeoutError."""
+        assert self.transport is not None
+        self._head = None
+        self._chunks = []
+        self._chunk_left = -1
+        self._buffer.clear()
+        self._head_waiter = waiter = self._loop.create_future()
+        self._body_waiter = None
+        self._expecting = True
+        self._last_read = self._loop.time()
+        self._timeout_s = timeout_s
+        self._timer = self._loop.call_at(self._last_read + timeout_s, self._check_quiet)
+        self.transport.write(request)
+        return waiter
+
+    def body(self) -> asyncio.Future[bytes]:
+        assert self._body_waiter is not None, "the body comes after the head"
+        return self._body_waiter
+
+    def mark_idle(self) -> None:
+        self.idle_since = self._loop.time()
+
+    def abort(self) -> None:
+        self.closed = True
+        self._expecting = False
+        self._stop_timer()
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _check_quiet(self) -> None:
+        self._timer = None
+        due = self._last_read + self._timeout_s
+        if self._loop.time() < due:  # bytes came meanwhile: wait from the last of them
+            self._timer = self._loop.call_at(due, self._check_quiet)
+            return
+        self._fail(TimeoutError(f"no data within {self._timeout_s:g}s"))
+
+    def _stop_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _fail(self, exc: Exception) -> None:
+        for waiter in (self._head_waiter, self._body_waiter):
+            if waiter is not None and not waiter.done():
+                waiter.set_exception(exc)
+        self.abort()
+
+    def _finish(self, body: bytes) -> None:
+        self._stop_timer()
+        self._expecting = False
+        waiter = self._body_waiter
+        head = self._head
+        assert head is not None and waiter is not None
+        if head.encoding:
+            try:
+                body = _decode(body, head.encoding)
+            except (zlib.error, ValueError) as exc:
+                self.abort()
+                if not waiter.done():
+                    waiter.set_exception(BodyCut(f"body is not valid {head.encoding}: {exc}"))
+                return
+        if not waiter.done():
+            waiter.set_result(body)
+
+    def _advance(self) -> None:
+        if self._head is None and not self._read_head():
+            return
+        head = self._head
+        assert head is not None
+        if self._body_waiter is None:
+            return
+        if head.chunked:
+            self._read_chunks()
+        elif head.length is not None and len(self._buffer) >= head.length:
+            if len(self._buffer) > head.length:
+                raise BodyCut("more bytes than the Content-Length")
+            body = bytes(self._buffer)
+            self._buffer.clear()
+            self._finish(body)
+
+    def _read_head(self) -> bool:
+        """Parse the response head once it is all in, skipping 1xx heads; True once parsed."""
+        buffer = self._buffer
+        while True:
+            end = buffer.find(b"\r\n\r\n")
+            if end < 0:
+                if len(buffer) > MAX_HEAD_BYTES:
+                    raise InvalidResponse("response head over 64 KiB")
+                return False
+            head = _parse_head(bytes(buffer[:end]).split(b"\r\n"))
+            del buffer[: end + 4]
+            if 100 <= head.status < 200:
+                continue  # 100 Continue, 103 Early Hints: the final head follows
+            if head.status in _NO_BODY_STATUSES:
+                head.length, head.chunked = 0, False
+            self._head = head
+            self._body_waiter = self._loop.create_future()
+            # Marks a failure as seen even if the body is never read (the response was closed).
+            self._body_waiter.add_done_callback(_seen)
+            waiter, self._head_waiter = self._head_waiter, None
+            if waiter is not None and not waiter.done():
+                waiter.set_result(head)
+            return True
+
+    def _read_chunks(self) -> None:
+        buffer = self._buffer
+        while True:
+            if self._chunk_left < 0:
+                line_end = buffer.find(b"\r\n")
+                if line_end < 0:
+                    if len(buffer) > 4096:
+                        raise BodyCut("chunk size line over 4 KiB")
+                    return
+                size = _chunk_size(bytes(buffer[:line_end]))
+                if size == 0:
+                    # The last chunk, then trailer lines up to an empty line.
+                    if buffer[line_end : line_end + 4] == b"\r\n\r\n":
+                        end = line_end + 4
+                    else:
+                        end = buffer.find(b"\r\n\r\n", line_end + 2)
+                        if end < 0:
+                            return
+                        end += 4
+                    if len(buffer) > end:
+                        raise BodyCut("bytes after the last chunk")
+                    buffer.clear()
+                    self._finish(b"".join(self._chunks))
+                    return
+                del buffer[: line_end + 2]
+                self._chunk_left = size
+            left = self._chunk_left
+            if len(buffer) < left + 2:
+                return
+            if buffer[left : left + 2] != b"\r\n":
+                raise BodyCut("a chunk is not followed by CRLF")
+            self._chunks.append(bytes(buffer[:left]))
+            del buffer[: left + 2]
+            self._chunk_left = -1
+
+
+def _seen(future: asyncio.Future[bytes]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
+def _chunk_size(line: bytes) -> int:
+    text = line.split(b";", 1)[0].strip()
+    if not text or len(text) > 15:
+        raise BodyCut("bad chunk size line")
+    try:
+        return int(text, 16)
+    except ValueError:
+        raise BodyCut("bad chunk size line") from None
+
+
+def _parse_head(lines: list[bytes]) -> _Head:
+    status_line = lines[0]
+    code = status_line[9:12]
+    if (
+        not status_line.startswith(b"HTTP/1.")
+        or len(status_line) < 12
+        or not code.isdigit()
+        or status_line[12:13] not in (b"", b" ")
+    ):
+        raise InvalidResponse("not an HTTP/1.x status line")
+    headers: CIMultiDict[str] = CIMultiDict()
+    for line in lines[1:]:
+        name, colon, value = line.partition(b":")
+        if not colon or not name or name != name.strip():
+            raise InvalidResponse("a malformed header line")
+        headers.add(name.decode("latin-1"), value.strip().decode("latin-1"))
+    connection = headers.get("Connection", "").lower()
+    if status_line[7:8] == b"1":
+        keep_alive = "close" not in connection
+    else:
+        keep_alive = "keep-alive" in connection
+    head = _Head(int(code), headers, keep_alive)
+    transfer = headers.get("Transfer-Encoding")
+    if transfer is not None:
+        if transfer.strip().lower() != "chunked":
+            raise InvalidResponse(f"Transfer-Encoding {transfer!r} is not supported")
+        head.chunked = True
+    else:
+        length = headers.get("Content-Length")
+        if length is None:
+            head.keep_alive = False
+        elif length.isdigit():
+            head.length = int(length)
+        else:
+            raise InvalidResponse("a malformed Content-Length")
+    encoding = headers.get("Content-Encoding", "").strip().lower()
+    if encoding and encoding != "identity":
+        head.encoding = encoding
+    return head
+
+
+def _decode(body: bytes, encoding: str) -> bytes:
+    if encoding in ("gzip", "x-gzip"):
+        return zlib.decompress(body, 16 + zlib.MAX_WBITS)
+    if encoding == "deflate":
+        try:
+            return zlib.decompress(body)
+        except zlib.error:
+            return zlib.decompress(body, -zlib.MAX_WBITS)  # raw deflate, as some servers send
+    raise ValueError(f"Content-Encoding {encoding!r} is not supported")
+
+
+class H1Response:
+    """A response whose head arrived; ``read()`` waits for the body. The part of
+    ``aiohttp.ClientResponse`` that the relay uses."""
+
+    __slots__ = ("status", "headers", "_connection", "_pool", "_keep_alive", "_body")
+
+    def __init__(self, head: _Head, connection: _Connection, pool: H1Pool) -> None:
+        self.status = head.status
+        self.headers: CIMultiDictProxy[str] = CIMultiDictProxy(head.headers)
+        self._connection: _Connection | None = connection
+        self._pool = pool
+        self._keep_alive = head.keep_alive
+        self._body: bytes | None = None
+
+    async def read(self) -> bytes:
+        """The whole body. Raises TimeoutError when no byte came within the read timeout, and
+        ``BodyCut`` (a ConnectionError) when the connection ended or the body was malformed."""
+        if self._body is None:
+            connection = self._connection
+            if connection is None:
+                raise BodyCut("the response was closed before its body was read")
+            self._body = await connection.body()
+        return self._body
+
+    def close(self) -> None:
+        """Pool the connection if the whole body was read and keep-alive holds; else drop it."""
+        connection, self._connection = self._connection, None
+        if connection is None:
+            return
+        if self._body is not None and self._keep_alive and not connection.closed:
+            self._pool.release(connection)
+        else:
+            connection.abort()
+
+    async def __aenter__(self) -> H1Response:
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        self.close()
+
+
+class H1Pool:
+    """Keep-alive connections to one upstream origin, for POSTs whose answers fit in memory."""
+
+    def __init__(
+        self,
+        base_url: str,
+        headers: Mapping[str, str],
+        *,
+        connect_timeout_s: float,
+        read_timeout_s: float,
+        keepalive_s: float = 30.0,
+    ) -> None:
+        url = URL(base_url)
+        if url.scheme not in ("http", "https") or url.raw_host is None:
+            raise ValueError(f"{base_url!r} is not an http(s) URL")
+        self._host = url.raw_host
+        self._port: int = url.port or (443 if url.scheme == "https" else 80)
+        self._tls = url.scheme == "https"
+        self._ssl: ssl.SSLContext | None = None
+        self._prefix = url.raw_path.rstrip("/").encode()
+        lines = [f"Host: {url.host_port_subcomponent}"]
+        lines += [f"{name}: {value}" for name, value in headers.items()]
+        self._head_lines = ("\r\n".join(lines) + "\r\n").encode("latin-1")
+        self._connect_timeout_s = connect_timeout_s
+        self._read_timeout_s = read_timeout_s
+        self._keepalive_s = keepalive_s
+        self._idle: deque[_Connection] = deque()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def post(self, path: str, content_type: str, body: bytes) -> H1Response:
+        """POST ``body`` to the base URL's path + ``path``; return once the head arrived.
+
+        Raises OSError (connect failed), TimeoutError (connect or head too slow),
+        ``InvalidResponse`` or ``BodyCut`` (closed before the head).
+        """
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        connection = self._pooled(loop) or await self._connect(loop)
+        request = b"POST %s%s HTTP/1.1\r\n%sContent-Type: %s\r\nContent-Length: %d\r\n\r\n" % (
+            self._prefix,
+            path.encode(),
+            self._head_lines,
+            content_type.encode("latin-1"),
+            len(body),
+        )
+        waiter = connection.send(request + body, self._read_timeout_s)
+        try:
+            head = await waiter
+        except BaseException:
+            connection.abort()
+            raise
+        return H1Response(head, connection, self)
+
+    def release(self, connection: _Connection) -> None:
+        connection.mark_idle()
+        self._idle.append(connection)
+
+    def close(self) -> None:
+        while self._idle:
+            self._idle.pop().abort()
+
+    def _pooled(self, loop: asyncio.AbstractEventLoop) -> _Connection | None:
+        """The most recently used live connection, dropping those idle past keep-alive."""
+        idle = self._idle
+        oldest = loop.time() - self._keepalive_s
+        while idle:
+            connection = idle.pop()
+            if not connection.closed and connection.idle_since > oldest:
+                return connection
+            connection.abort()
+        return None
+
+    async def _connect(self, loop: asyncio.AbstractEventLoop) -> _Connection:
+        if self._tls and self._ssl is None:
+            self._ssl = ssl.create_default_context()
+        try:
+            async with asyncio.timeout(self._connect_timeout_s):
+                _, connection = await loop.create_connection(
+                    lambda: _Connection(loop),
+                    self._host,
+                    self._port,
+                    ssl=self._ssl if self._tls else None,
+                    server_hostname=self._host if self._tls else None,
+                )
+        except TimeoutError:
+            timeout = f"timed out after {self._connect_timeout_s:g}s"
+            raise OSError(errno.ETIMEDOUT, timeout) from None
+        return connection
