@@ -150,9 +150,14 @@ class _Connection(asyncio.Protocol):
                 waiter.set_exception(exc)
         self.abort()
 
-    def _finish(self, body: bytes) -> None:
+    def _finish(self, body: bytes, *, spoiled: bool = False) -> None:
+        """The body is whole. ``spoiled``: bytes came after it, so the connection is out of
+        step; the answer stands but the connection is dropped."""
         self._stop_timer()
         self._expecting = False
+        self._buffer.clear()
+        if spoiled:
+            self.abort()
         waiter = self._body_waiter
         head = self._head
         assert head is not None and waiter is not None
@@ -177,11 +182,8 @@ class _Connection(asyncio.Protocol):
         if head.chunked:
             self._read_chunks()
         elif head.length is not None and len(self._buffer) >= head.length:
-            if len(self._buffer) > head.length:
-                raise BodyCut("more bytes than the Content-Length")
-            body = bytes(self._buffer)
-            self._buffer.clear()
-            self._finish(body)
+            body = bytes(self._buffer[: head.length])
+            self._finish(body, spoiled=len(self._buffer) > head.length)
 
     def _read_head(self) -> bool:
         """Parse the response head once it is all in, skipping 1xx heads; True once parsed."""
@@ -196,8 +198,6 @@ class _Connection(asyncio.Protocol):
             del buffer[: end + 4]
             if 100 <= head.status < 200:
                 continue  # 100 Continue, 103 Early Hints: the final head follows
-            if head.status in _NO_BODY_STATUSES:
-                head.length, head.chunked = 0, False
             self._head = head
             self._body_waiter = self._loop.create_future()
             # Marks a failure as seen even if the body is never read (the response was closed).
@@ -226,10 +226,7 @@ class _Connection(asyncio.Protocol):
                         if end < 0:
                             return
                         end += 4
-                    if len(buffer) > end:
-                        raise BodyCut("bytes after the last chunk")
-                    buffer.clear()
-                    self._finish(b"".join(self._chunks))
+                    self._finish(b"".join(self._chunks), spoiled=len(buffer) > end)
                     return
                 del buffer[: line_end + 2]
                 self._chunk_left = size
@@ -281,7 +278,9 @@ def _parse_head(lines: list[bytes]) -> _Head:
         keep_alive = "keep-alive" in connection
     head = _Head(int(code), headers, keep_alive)
     transfer = headers.get("Transfer-Encoding")
-    if transfer is not None:
+    if head.status in _NO_BODY_STATUSES or 100 <= head.status < 200:
+        head.length = 0
+    elif transfer is not None:
         if transfer.strip().lower() != "chunked":
             raise InvalidResponse(f"Transfer-Encoding {transfer!r} is not supported")
         head.chunked = True
@@ -362,14 +361,17 @@ class H1Pool:
         connect_timeout_s: float,
         read_timeout_s: float,
         keepalive_s: float = 30.0,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
+        """``ssl_context`` (https only) defaults to the system's trust store, verifying the
+        certificate and host name as aiohttp does."""
         url = URL(base_url)
         if url.scheme not in ("http", "https") or url.raw_host is None:
             raise ValueError(f"{base_url!r} is not an http(s) URL")
         self._host = url.raw_host
         self._port: int = url.port or (443 if url.scheme == "https" else 80)
         self._tls = url.scheme == "https"
-        self._ssl: ssl.SSLContext | None = None
+        self._ssl = ssl_context
         self._prefix = url.raw_path.rstrip("/").encode()
         lines = [f"Host: {url.host_port_subcomponent}"]
         lines += [f"{name}: {value}" for name, value in headers.items()]

@@ -1,0 +1,371 @@
+"""The lean HTTP/1.1 client against a raw asyncio server on 127.0.0.1, port 0, that answers each
+request with scripted bytes: framing, keep-alive reuse, and every way an answer can go wrong."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import shutil
+import ssl
+import subprocess
+from collections import deque
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+
+import pytest
+
+from sidecar.h1 import BodyCut, H1Pool, InvalidResponse
+
+# A reply is a sequence of steps: bytes to send, a float to sleep, or CLOSE.
+CLOSE = "close"
+Step = bytes | float | str
+
+
+def answer(body: bytes = b'{"ok":true}', *, head: bytes = b"") -> bytes:
+    return (
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n%s\r\n%s"
+        % (len(body), head, body)
+    )
+
+
+class RawUpstream:
+    """Answers each request (head plus Content-Length body) with the next scripted reply."""
+
+    def __init__(self) -> None:
+        self.replies: deque[Sequence[Step]] = deque()
+        self.requests: list[bytes] = []
+        self.connections = 0
+        self.port = 0
+        self.ssl: ssl.SSLContext | None = None
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> RawUpstream:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=self.ssl)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    def url(self, scheme: str = "http") -> str:
+        return f"{scheme}://127.0.0.1:{self.port}/v1"
+
+    async def close(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        self.connections += 1
+        try:
+            while True:
+                try:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    return
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":", 1)[1])
+                self.requests.append(head + await reader.readexactly(length))
+                reply = self.replies.popleft() if self.replies else [answer()]
+                for step in reply:
+                    if isinstance(step, bytes):
+                        writer.write(step)
+                        await writer.drain()
+                    elif isinstance(step, float):
+                        await asyncio.sleep(step)
+                    else:
+                        writer.close()
+                        return
+        finally:
+            self._tasks.discard(task)
+            writer.close()
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[RawUpstream]:
+    server = await RawUpstream().start()
+    yield server
+    await server.close()
+
+
+def pool_for(url: str, **options: object) -> H1Pool:
+    return H1Pool(
+        url,
+        {"User-Agent": "tokenhub-sidecar/test", "Authorization": "Bearer sk-test"},
+        connect_timeout_s=2.0,
+        read_timeout_s=0.3,
+        **options,  # type: ignore[arg-type]
+    )
+
+
+async def post(pool: H1Pool, body: bytes = b'{"model":"m"}') -> tuple[int, bytes]:
+    response = await pool.post("/chat/completions", "application/json", body)
+    async with response:
+        return response.status, await response.read()
+
+
+async def test_answers_share_one_keep_alive_connection(upstream: RawUpstream) -> None:
+    pool = pool_for(upstream.url())
+    upstream.replies.extend([[answer(b'{"n":1}')], [answer(b'{"n":2}')], [answer(b'{"n":3}')]])
+    results = [await post(pool, b'{"i":%d}' % i) for i in range(3)]
+    assert results == [(200, b'{"n":1}'), (200, b'{"n":2}'), (200, b'{"n":3}')]
+    assert upstream.connections == 1
+    first = upstream.requests[0]
+    assert first.startswith(b"POST /v1/chat/completions HTTP/1.1\r\n")
+    for header in (
+        b"Host: 127.0.0.1:%d" % upstream.port,
+        b"Authorization: Bearer sk-test",
+        b"Content-Type: application/json",
+        b"Content-Length: 7",
+    ):
+        assert header + b"\r\n" in first
+    assert first.endswith(b'{"i":0}')
+    pool.close()
+
+
+async def test_response_head_is_read_case_insensitively(upstream: RawUpstream) -> None:
+    pool = pool_for(upstream.url())
+    upstream.replies.append([answer(head=b"retry-after: 2\r\nX-Thing: a\r\nx-thing: b\r\n")])
+    response = await pool.post("/chat/completions", "application/json", b"{}")
+    async with response:
+        await response.read()
+    assert response.headers["Retry-After"] == "2"
+    assert response.headers.getall("X-THING") == ["a", "b"]
+    pool.close()
+
+
+@pytest.mark.parametrize(
+    ("reply", "body"),
+    [
+        pytest.param(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"5;ext=1\r\nhello\r\n1\r\n \r\n5\r\nworld\r\n0\r\nTrailer: x\r\n\r\n",
+            b"hello world",
+            id="chunked with an extension and a trailer",
+        ),
+        pytest.param(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            b"",
+            id="chunked and empty",
+        ),
+        pytest.param(
+            b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n" + answer(b"after hints"),
+            b"after hints",
+            id="103 early hints skipped",
+        ),
+        pytest.param(
+            b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: %d\r\n\r\n%s"
+            % (len(gzip.compress(b'{"zipped":1}')), gzip.compress(b'{"zipped":1}')),
+            b'{"zipped":1}',
+            id="gzip decoded",
+        ),
+        pytest.param(b"HTTP/1.1 204 No Content\r\n\r\n", b"", id="204 has no body"),
+    ],
+)
+async def test_body_framing(upstream: RawUpstream, reply: bytes, body: bytes) -> None:
+    pool = pool_for(upstream.url())
+    upstream.replies.append([reply])
+    upstream.replies.append([answer(b"next")])
+    assert (await post(pool))[1] == body
+    assert await post(pool) == (200, b"next")
+    assert upstream.connections == 1  # framed exactly: the connection was reused
+    pool.close()
+
+
+async def test_connection_close_and_close_delimited_bodies_are_not_pooled(
+    upstream: RawUpstream,
+) -> None:
+    pool = pool_for(upstream.url())
+    upstream.replies.append([b"HTTP/1.1 200 OK\r\n\r\nuntil the end", CLOSE])
+    upstream.replies.append([answer(head=b"Connection: close\r\n"), CLOSE])
+    upstream.replies.append([answer(b"third")])
+    assert await post(pool) == (200, b"until the end")
+    assert (await post(pool))[0] == 200
+    assert await post(pool) == (200, b"third")
+    assert upstream.connections == 3
+    pool.close()
+
+
+async def test_a_response_closed_unread_drops_its_connection(upstream: RawUpstream) -> None:
+    pool = pool_for(upstream.url())
+    upstream.replies.append([b"HTTP/1.1 503 Busy\r\nContent-Length: 4\r\n\r\n", 0.05, b"busy"])
+    response = await pool.post("/chat/completions", "application/json", b"{}")
+    assert response.status == 503
+    response.close()  # failover moves on without reading: the late body must not be reused
+    assert await post(pool) == (200, b'{"ok":true}')
+    assert upstream.connections == 2
+    pool.close()
+
+
+async def test_bytes_on_an_idle_connection_drop_it(upstream: RawUpstream) -> None:
+    pool = pool_for(upstream.url())
+    upstream.replies.append([answer(b"one"), 0.02, b"HTTP/1.1 200 OK\r\n"])
+    assert await post(pool) == (200, b"one")
+    await asyncio.sleep(0.05)
+    assert await post(pool) == (200, b'{"ok":true}')
+    assert upstream.connections == 2
+    pool.close()
+
+
+@pytest.mark.parametrize(
+    ("reply", "error"),
+    [
+        pytest.param([CLOSE], BodyCut, id="closed before the head"),
+        pytest.param([b"SSH-2.0-OpenSSH\r\n\r\n"], InvalidResponse, id="not HTTP"),
+        pytest.param([b"HTTP/1.1 200 OK\r\nbroken\r\n\r\n"], InvalidResponse, id="bad header"),
+        pytest.param(
+            [b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n"], InvalidResponse, id="bad length"
+        ),
+        pytest.param(
+            [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"],
+            InvalidResponse,
+            id="unsupported transfer coding",
+        ),
+        pytest.param([b"HTTP/1.1 200 OK\r\n", 1.0], TimeoutError, id="stall inside the head"),
+        pytest.param([1.0], TimeoutError, id="stall before the head"),
+    ],
+)
+async def test_failures_before_the_head(
+    upstream: RawUpstream, reply: list[Step], error: type[Exception]
+) -> None:
+    pool = pool_for(upstream.url())
+    upstream.replies.append(reply)
+    with pytest.raises(error):
+        await pool.post("/chat/completions", "application/json", b"{}")
+    assert await post(pool) == (200, b'{"ok":true}')
+    assert upstream.connections == 2  # the failed connection was not reused
+    pool.close()
+
+
+@pytest.mark.parametrize(
+    ("reply", "error"),
+    [
+        pytest.param(
+            [b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhalf", CLOSE], BodyCut, id="cut"
+        ),
+        pytest.param(
+            [b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhalf", 1.0], TimeoutError, id="stall"
+        ),
+        pytest.param(
+            [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"],
+            BodyCut,
+            id="bad chunk size",
+        ),
+        pytest.param(
+            [b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: 3\r\n\r\nabc"],
+            BodyCut,
+            id="not gzip",
+        ),
+    ],
+)
+async def test_failures_inside_the_body(
+    upstream: RawUpstream, reply: list[Step], error: type[Exception]
+) -> None:
+    pool = pool_for(upstream.url())
+    upstream.replies.append(reply)
+    response = await pool.post("/chat/completions", "application/json", b"{}")
+    assert response.status == 200
+    with pytest.raises(error):
+        async with response:
+            await response.read()
+    assert await post(pool) == (200, b'{"ok":true}')
+    assert upstream.connections == 2
+    pool.close()
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        pytest.param(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok\r\n", id="length"),
+        pytest.param(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\nX",
+            id="chunked",
+        ),
+    ],
+)
+async def test_bytes_after_a_whole_body_keep_the_answer_but_drop_the_connection(
+    upstream: RawUpstream, reply: bytes
+) -> None:
+    pool = pool_for(upstream.url())
+    upstream.replies.append([reply])
+    assert await post(pool) == (200, b"ok")
+    assert await post(pool) == (200, b'{"ok":true}')
+    assert upstream.connections == 2
+    pool.close()
+
+
+async def test_a_slow_body_that_keeps_coming_is_not_timed_out(upstream: RawUpstream) -> None:
+    pool = pool_for(upstream.url())  # read timeout 0.3 s: a gap between bytes, not a total
+    steps: list[Step] = [b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n"]
+    for byte in b"abcde":
+        steps += [0.15, bytes([byte])]
+    upstream.replies.append(steps)
+    assert await post(pool) == (200, b"abcde")
+    pool.close()
+
+
+async def test_a_refused_port_is_an_os_error() -> None:
+    probe = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    port = probe.sockets[0].getsockname()[1]
+    probe.close()
+    await probe.wait_closed()
+    with pytest.raises(OSError) as caught:
+        await pool_for(f"http://127.0.0.1:{port}/v1").post("/x", "application/json", b"{}")
+    assert not isinstance(caught.value, BodyCut | TimeoutError)
+
+
+async def test_cancelling_a_wait_drops_the_connection(upstream: RawUpstream) -> None:
+    pool = pool_for(upstream.url())
+    upstream.replies.append([0.2, answer(b"too late")])
+    waiting = asyncio.ensure_future(pool.post("/chat/completions", "application/json", b"{}"))
+    await asyncio.sleep(0.05)
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    await asyncio.sleep(0.25)  # the late answer arrives on a connection nobody will reuse
+    assert await post(pool) == (200, b'{"ok":true}')
+    assert upstream.connections == 2
+    pool.close()
+
+
+@pytest.fixture
+def certificate(tmp_path: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 made with the openssl command."""
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl command is not installed")
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(
+        [
+            "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+            "-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1",
+            "-addext", "subjectAltName=IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+    return key, cert
+
+
+async def test_https_verifies_the_certificate(certificate: tuple[Path, Path]) -> None:
+    key, cert = certificate
+    upstream = RawUpstream()
+    upstream.ssl = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    upstream.ssl.load_cert_chain(cert, key)
+    await upstream.start()
+    try:
+        trusting = pool_for(
+            upstream.url("https"), ssl_context=ssl.create_default_context(cafile=cert)
+        )
+        assert await post(trusting) == (200, b'{"ok":true}')
+        assert await post(trusting) == (200, b'{"ok":true}')
+        assert upstream.connections == 1
+        trusting.close()
+        with pytest.raises(ssl.SSLCertVerificationError):
+            await pool_for(upstream.url("https")).post("/x", "application/json", b"{}")
+    finally:
+        await upstream.close()
