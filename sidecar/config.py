@@ -402,7 +402,7 @@ def _read_key(
             return None, (
                 f"{where}.api_key_env: environment variable {provider.api_key_env} is not set"
             )
-        return SecretStr(value.strip()), None
+        return _checked_key(f"{where}.api_key_env", value.strip())
     if provider.api_key_credential is not None:
         directory = environ.get("CREDENTIALS_DIRECTORY")
         if not directory:
@@ -429,7 +429,18 @@ def _read_key_file(where: str, path: Path) -> tuple[SecretStr | None, str | None
         return None, f"{where}: cannot read {path}: {exc.strerror or exc}"
     if not value:
         return None, f"{where}: {path} is empty"
-    return SecretStr(value), None
+    return _checked_key(where, value)
+
+
+def _checked_key(where: str, value: str) -> tuple[SecretStr | None, str | None]:
+    """A key goes into an HTTP header as it is: printable ASCII only (a line break inside it
+    could add a header of its own)."""
+    if value.isascii() and value.isprintable():
+        return SecretStr(value), None
+    return None, (
+        f"{where}: the key holds a line break, a control or a non-ASCII character; "
+        "store the key alone, as the provider issued it"
+    )
 
 
 def _reject_inline_keys(raw: Mapping[str, Any]) -> list[str]:

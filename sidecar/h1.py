@@ -408,8 +408,14 @@ class H1Pool:
         return H1Response(head, connection, self)
 
     def release(self, connection: _Connection) -> None:
+        """Pool ``connection``, first dropping the oldest idle ones that are closed or past
+        keep-alive (a burst's connections do not linger once traffic falls)."""
         connection.mark_idle()
-        self._idle.append(connection)
+        idle = self._idle
+        oldest = connection.idle_since - self._keepalive_s
+        while idle and (idle[0].closed or idle[0].idle_since <= oldest):
+            idle.popleft().abort()
+        idle.append(connection)
 
     def close(self) -> None:
         while self._idle:

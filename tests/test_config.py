@@ -174,3 +174,24 @@ def test_example_config_is_valid():
     example = Path(__file__).parent.parent / "config.example.toml"
     settings = config.load(example, environ={"ALIBABA_API_KEY": "a", "TOGETHER_API_KEY": "b"})
     assert [p.name for p in settings.providers] == ["alibaba", "together"]
+
+
+@pytest.mark.parametrize("key", ["sk-one\nX-Injected: 1", "sk-tab\there", "sk-ключ"])
+def test_a_key_that_could_not_go_into_a_header_is_refused(tmp_path: Path, key: str):
+    key_file = tmp_path / "k"
+    key_file.write_text(key)
+    key_file.chmod(0o600)
+    found = problems(
+        {
+            "providers": [
+                raw_provider(api_key_env="ALPHA_KEY"),
+                raw_provider(name="b", api_key_file=str(key_file)),
+            ]
+        },
+        environ={"ALPHA_KEY": key},
+    )
+    expected = "the key holds a line break, a control or a non-ASCII character"
+    assert [f"providers[0].api_key_env: {expected}", f"providers[1].api_key_file: {expected}"] == [
+        problem.split(";")[0] for problem in found
+    ]
+    assert not any(key in problem for problem in found)

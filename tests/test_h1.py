@@ -369,3 +369,19 @@ async def test_https_verifies_the_certificate(certificate: tuple[Path, Path]) ->
             await pool_for(upstream.url("https")).post("/x", "application/json", b"{}")
     finally:
         await upstream.close()
+
+
+async def test_idle_connections_past_keep_alive_are_dropped(upstream: RawUpstream) -> None:
+    pool = pool_for(upstream.url(), keepalive_s=0.1)
+    upstream.replies.extend([[0.05, answer(b"slow")], [answer(b"quick")]])
+    slow = asyncio.ensure_future(post(pool))
+    await asyncio.sleep(0.01)
+    assert await post(pool) == (200, b"quick")  # a second connection, now idle
+    assert await slow == (200, b"slow")  # the first one goes idle too
+    assert upstream.connections == 2
+    await asyncio.sleep(0.15)  # both are past keep-alive
+    assert await post(pool) == (200, b'{"ok":true}')
+    assert upstream.connections == 3
+    assert await post(pool) == (200, b'{"ok":true}')  # the new one is pooled, the old ones gone
+    assert upstream.connections == 3
+    pool.close()
