@@ -19,7 +19,7 @@ import ssl
 import zlib
 from collections import deque
 from collections.abc import Mapping
-from typing import Final, cast
+from typing import Any, Final, cast
 
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
@@ -49,7 +49,8 @@ class _Head:
 
 
 class _Connection(asyncio.Protocol):
-    """One upstream connection, reading one response at a time into memory."""
+    """One upstream connection and the response it is reading: whole (``body()``) or as it
+    comes (``readany()``, for streams)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -58,11 +59,21 @@ class _Connection(asyncio.Protocol):
         self.idle_since = 0.0
         self._buffer = bytearray()
         self._head: _Head | None = None
-        self._chunks: list[bytes] = []
         self._chunk_left = -1  # chunked: bytes of this chunk still to come; -1: a size line
+        self._length_left = 0  # Content-Length: body bytes still to come
+        self._decoder: Any = None  # a zlib decompressobj for a gzip/deflate body
         self._head_waiter: asyncio.Future[_Head] | None = None
-        self._body_waiter: asyncio.Future[bytes] | None = None
         self._expecting = False  # a response (or the rest of one) is due
+        self._stream = False
+        # A whole answer: its parts, and the future that gets them joined.
+        self._parts: list[bytes] = []
+        self._body_waiter: asyncio.Future[bytes] | None = None
+        # A stream: bytes not yet read, the reader waiting for more, how it ended.
+        self._feed = bytearray()
+        self._feed_waiter: asyncio.Future[None] | None = None
+        self._eof = False
+        self._error: Exception | None = None
+        self._paused = False
         self._last_read = 0.0
         self._timeout_s = 0.0
         self._timer: asyncio.TimerHandle | None = None
@@ -80,9 +91,7 @@ class _Connection(asyncio.Protocol):
         self._buffer += data
         try:
             self._advance()
-        except InvalidResponse as exc:
-            self._fail(exc)
-        except BodyCut as exc:
+        except (InvalidResponse, BodyCut) as exc:
             self._fail(exc)
 
     def eof_received(self) -> bool:
@@ -94,20 +103,26 @@ class _Connection(asyncio.Protocol):
             return
         head = self._head
         if head is not None and head.length is None and not head.chunked:
-            self._finish(bytes(self._buffer))  # a body that ends with the connection
+            self._end()  # a body that ends with the connection
         else:
             self._fail(BodyCut("connection closed"))
 
     # -- one exchange ----------------------------------------------------------------------
 
-    def send(self, request: bytes, timeout_s: float) -> asyncio.Future[_Head]:
-        """Write ``request``; the future has the response head. No byte for ``timeout_s``
-        (before or within the body) fails it, or the body, with TimeoutError."""
+    def send(self, request: bytes, timeout_s: float, *, stream: bool) -> asyncio.Future[_Head]:
+        """Write ``request``; the future has the response head. No byte for ``timeout_s`` fails
+        it with TimeoutError, and the body too unless ``stream`` (a stream's reader keeps its
+        own clocks)."""
         assert self.transport is not None
         self._head = None
-        self._chunks = []
         self._chunk_left = -1
+        self._decoder = None
         self._buffer.clear()
+        self._parts = []
+        self._feed.clear()
+        self._eof = False
+        self._error = None
+        self._stream = stream
         self._head_waiter = waiter = self._loop.create_future()
         self._body_waiter = None
         self._expecting = True
@@ -118,18 +133,46 @@ class _Connection(asyncio.Protocol):
         return waiter
 
     def body(self) -> asyncio.Future[bytes]:
-        assert self._body_waiter is not None, "the body comes after the head"
+        assert self._body_waiter is not None, "a whole answer's body comes after its head"
         return self._body_waiter
+
+    async def readany(self) -> bytes:
+        """A stream's bytes that came since the last call, waiting for some; b"" at its end.
+        Raises ``BodyCut`` (or what else ended it) when it was cut."""
+        while True:
+            if self._feed:
+                data = bytes(self._feed)
+                self._feed.clear()
+                if self._paused and self.transport is not None:
+                    self._paused = False
+                    self.transport.resume_reading()
+                return data
+            if self._error is not None:
+                raise self._error
+            if self._eof:
+                return b""
+            waiter = self._feed_waiter = self._loop.create_future()
+            try:
+                await waiter
+            finally:
+                self._feed_waiter = None
+
+    @property
+    def streaming(self) -> bool:
+        return self._stream
+
+    def reusable(self) -> bool:
+        """The last response was read to its well-framed end and nothing broke since."""
+        return not self.closed and not self._expecting and self._error is None
 
     def mark_idle(self) -> None:
         self.idle_since = self._loop.time()
 
     def abort(self) -> None:
-        self.closed = True
-        self._expecting = False
-        self._stop_timer()
-        if self.transport is not None:
-            self.transport.abort()
+        """Close at once; whoever still waits on this response hears that it was cut."""
+        self._fail(BodyCut("connection closed"))
+
+    # -- reading ---------------------------------------------------------------------------
 
     def _check_quiet(self) -> None:
         self._timer = None
@@ -145,45 +188,93 @@ class _Connection(asyncio.Protocol):
             self._timer = None
 
     def _fail(self, exc: Exception) -> None:
+        self.closed = True
+        self._expecting = False
+        self._stop_timer()
         for waiter in (self._head_waiter, self._body_waiter):
             if waiter is not None and not waiter.done():
                 waiter.set_exception(exc)
-        self.abort()
+        if self._stream and not self._eof and self._error is None:
+            self._error = exc
+            self._wake()
+        if self.transport is not None:
+            self.transport.abort()
 
-    def _finish(self, body: bytes, *, spoiled: bool = False) -> None:
+    def _deliver(self, data: bytes) -> None:
+        if self._decoder is not None:
+            try:
+                data = self._decoder.decompress(data)
+            except zlib.error as exc:
+                raise BodyCut(f"the body is not valid {self._head_encoding()}: {exc}") from None
+        self._take(data)
+
+    def _take(self, data: bytes) -> None:
+        if not data:
+            return
+        if self._stream:
+            self._feed += data
+            if len(self._feed) > _FEED_HIGH_WATER and not self._paused and self.transport:
+                self._paused = True  # a slow client: stop reading until it catches up
+                self.transport.pause_reading()
+            self._wake()
+        else:
+            self._parts.append(data)
+
+    def _end(self, *, spoiled: bool = False) -> None:
         """The body is whole. ``spoiled``: bytes came after it, so the connection is out of
         step; the answer stands but the connection is dropped."""
         self._stop_timer()
-        self._expecting = False
         self._buffer.clear()
+        decoder, self._decoder = self._decoder, None
+        if decoder is not None:
+            if not decoder.eof:
+                self._fail(BodyCut(f"the body is not valid {self._head_encoding()}: it ends early"))
+                return
+            self._take(decoder.flush())
+        self._expecting = False
+        if self._stream:
+            self._eof = True
+            self._wake()
+        else:
+            waiter = self._body_waiter
+            if waiter is not None and not waiter.done():
+                waiter.set_result(b"".join(self._parts))
         if spoiled:
             self.abort()
-        waiter = self._body_waiter
-        head = self._head
-        assert head is not None and waiter is not None
-        if head.encoding:
-            try:
-                body = _decode(body, head.encoding)
-            except (zlib.error, ValueError) as exc:
-                self.abort()
-                if not waiter.done():
-                    waiter.set_exception(BodyCut(f"body is not valid {head.encoding}: {exc}"))
-                return
-        if not waiter.done():
-            waiter.set_result(body)
+
+    def _head_encoding(self) -> str:
+        return self._head.encoding if self._head is not None else ""
+
+    def _wake(self) -> None:
+        waiter = self._feed_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def _advance(self) -> None:
         if self._head is None and not self._read_head():
             return
         head = self._head
         assert head is not None
-        if self._body_waiter is None:
+        if not self._expecting:
             return
+        buffer = self._buffer
         if head.chunked:
             self._read_chunks()
-        elif head.length is not None and len(self._buffer) >= head.length:
-            body = bytes(self._buffer[: head.length])
-            self._finish(body, spoiled=len(self._buffer) > head.length)
+        elif head.length is None:
+            if buffer:
+                data = bytes(buffer)
+                buffer.clear()
+                self._deliver(data)
+        elif len(buffer) >= self._length_left:
+            left = self._length_left
+            spoiled = len(buffer) > left
+            self._deliver(bytes(buffer[:left]))
+            self._end(spoiled=spoiled)
+        elif self._stream and buffer:
+            self._length_left -= len(buffer)
+            data = bytes(buffer)
+            buffer.clear()
+            self._deliver(data)
 
     def _read_head(self) -> bool:
         """Parse the response head once it is all in, skipping 1xx heads; True once parsed."""
@@ -199,9 +290,15 @@ class _Connection(asyncio.Protocol):
             if 100 <= head.status < 200:
                 continue  # 100 Continue, 103 Early Hints: the final head follows
             self._head = head
-            self._body_waiter = self._loop.create_future()
-            # Marks a failure as seen even if the body is never read (the response was closed).
-            self._body_waiter.add_done_callback(_seen)
+            self._length_left = head.length or 0
+            if head.encoding:
+                self._decoder = _decoder_for(head.encoding)
+            if self._stream:
+                self._stop_timer()
+            else:
+                self._body_waiter = self._loop.create_future()
+                # A failure counts as seen even if the body is never read (closed unread).
+                self._body_waiter.add_done_callback(_seen)
             waiter, self._head_waiter = self._head_waiter, None
             if waiter is not None and not waiter.done():
                 waiter.set_result(head)
@@ -226,7 +323,7 @@ class _Connection(asyncio.Protocol):
                         if end < 0:
                             return
                         end += 4
-                    self._finish(b"".join(self._chunks), spoiled=len(buffer) > end)
+                    self._end(spoiled=len(buffer) > end)
                     return
                 del buffer[: line_end + 2]
                 self._chunk_left = size
@@ -235,9 +332,21 @@ class _Connection(asyncio.Protocol):
                 return
             if buffer[left : left + 2] != b"\r\n":
                 raise BodyCut("a chunk is not followed by CRLF")
-            self._chunks.append(bytes(buffer[:left]))
+            data = bytes(buffer[:left])
             del buffer[: left + 2]
             self._chunk_left = -1
+            self._deliver(data)
+
+
+_FEED_HIGH_WATER: Final = 1 << 20
+
+
+def _decoder_for(encoding: str) -> Any:
+    if encoding in ("gzip", "x-gzip"):
+        return zlib.decompressobj(16 + zlib.MAX_WBITS)
+    if encoding == "deflate":
+        return zlib.decompressobj(zlib.MAX_WBITS + 32)  # zlib or gzip header, detected
+    raise InvalidResponse(f"Content-Encoding {encoding!r} is not supported")
 
 
 def _seen(future: asyncio.Future[bytes]) -> None:
@@ -298,19 +407,9 @@ def _parse_head(lines: list[bytes]) -> _Head:
     return head
 
 
-def _decode(body: bytes, encoding: str) -> bytes:
-    if encoding in ("gzip", "x-gzip"):
-        return zlib.decompress(body, 16 + zlib.MAX_WBITS)
-    if encoding == "deflate":
-        try:
-            return zlib.decompress(body)
-        except zlib.error:
-            return zlib.decompress(body, -zlib.MAX_WBITS)  # raw deflate, as some servers send
-    raise ValueError(f"Content-Encoding {encoding!r} is not supported")
-
-
 class H1Response:
-    """A response whose head arrived; ``read()`` waits for the body. The part of
+    """A response whose head arrived: ``read()`` waits for a whole answer's body, ``readany()``
+    (also as ``content.readany()``) reads a stream as it comes. The part of
     ``aiohttp.ClientResponse`` that the relay uses."""
 
     __slots__ = ("status", "headers", "_connection", "_pool", "_keep_alive", "_body")
@@ -323,25 +422,45 @@ class H1Response:
         self._keep_alive = head.keep_alive
         self._body: bytes | None = None
 
+    @property
+    def content(self) -> H1Response:
+        return self
+
     async def read(self) -> bytes:
-        """The whole body. Raises TimeoutError when no byte came within the read timeout, and
-        ``BodyCut`` (a ConnectionError) when the connection ended or the body was malformed."""
+        """A whole answer's body. Raises TimeoutError when no byte came within the read timeout
+        and ``BodyCut`` (a ConnectionError) when the connection ended or the body was malformed."""
         if self._body is None:
             connection = self._connection
             if connection is None:
                 raise BodyCut("the response was closed before its body was read")
-            self._body = await connection.body()
+            if connection.streaming:  # a stream answered with an error body, say
+                parts = []
+                while part := await connection.readany():
+                    parts.append(part)
+                self._body = b"".join(parts)
+            else:
+                self._body = await connection.body()
         return self._body
 
+    async def readany(self) -> bytes:
+        """A stream's next bytes; b"" at its end. Raises ``BodyCut`` when it was cut."""
+        connection = self._connection
+        if connection is None:
+            raise BodyCut("the response was closed")
+        return await connection.readany()
+
     def close(self) -> None:
-        """Pool the connection if the whole body was read and keep-alive holds; else drop it."""
+        """Pool the connection if the response was read to its end and keep-alive holds; else
+        drop it (which also stops a stream's generation upstream)."""
         connection, self._connection = self._connection, None
         if connection is None:
             return
-        if self._body is not None and self._keep_alive and not connection.closed:
+        if self._keep_alive and connection.reusable():
             self._pool.release(connection)
         else:
             connection.abort()
+
+    release = close
 
     async def __aenter__(self) -> H1Response:
         return self
@@ -382,8 +501,11 @@ class H1Pool:
         self._idle: deque[_Connection] = deque()
         self._loop: asyncio.AbstractEventLoop | None = None
 
-    async def post(self, path: str, content_type: str, body: bytes) -> H1Response:
+    async def post(
+        self, path: str, content_type: str, body: bytes, *, stream: bool = False
+    ) -> H1Response:
         """POST ``body`` to the base URL's path + ``path``; return once the head arrived.
+        ``stream``: the body is read as it comes, with no read timeout after the head.
 
         Raises OSError (connect failed), TimeoutError (connect or head too slow),
         ``InvalidResponse`` or ``BodyCut`` (closed before the head).
@@ -399,7 +521,7 @@ class H1Pool:
             content_type.encode("latin-1"),
             len(body),
         )
-        waiter = connection.send(request + body, self._read_timeout_s)
+        waiter = connection.send(request + body, self._read_timeout_s, stream=stream)
         try:
             head = await waiter
         except BaseException:

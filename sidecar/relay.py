@@ -11,13 +11,13 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, overload
+from typing import Any
 
 import aiohttp
 import orjson
 
 from .errors import UpstreamFailed
-from .h1 import H1Response
+from .h1 import BodyCut, H1Response
 from .health import HealthBook, parse_retry_after
 from .scope import Scope, Target
 from .sweep import DeadlineSweep
@@ -100,7 +100,7 @@ class OpenStream:
     """A stream past its commit point: held events to send first, then ``next_payload()``."""
 
     target: Target
-    response: aiohttp.ClientResponse
+    response: aiohttp.ClientResponse | H1Response
     held: list[tuple[bytes, dict[str, Any]]]
     attempts: list[Attempt]
     idle_timeout_s: float
@@ -142,7 +142,7 @@ class OpenStream:
     def _cut_reason(self, exc: BaseException | None) -> str:
         if self.timed_out:
             return f"no data between chunks within {self.idle_timeout_s:g}s"
-        return f"stream cut: {type(exc).__name__}"
+        return f"stream cut: {exc if isinstance(exc, BodyCut) else type(exc).__name__}"
 
     def close(self) -> None:
         """Drop the upstream connection at once (stops generation; never returned to the pool)."""
@@ -272,30 +272,6 @@ class Relay:
         self._health.record_success(trail.current.provider)
         return Answer(trail.current, status, raw, content_type, None, trail.attempts)
 
-    @overload
-    async def _open(
-        self,
-        path: str,
-        target: Target,
-        body: Mapping[str, Any],
-        scope: Scope,
-        trail: Trail,
-        *,
-        stream: Literal[True],
-    ) -> aiohttp.ClientResponse | None: ...
-
-    @overload
-    async def _open(
-        self,
-        path: str,
-        target: Target,
-        body: Mapping[str, Any],
-        scope: Scope,
-        trail: Trail,
-        *,
-        stream: Literal[False],
-    ) -> H1Response | None: ...
-
     async def _open(
         self,
         path: str,
@@ -305,18 +281,17 @@ class Relay:
         trail: Trail,
         *,
         stream: bool,
-    ) -> aiohttp.ClientResponse | H1Response | None:
-        """One attempt up to response headers; None (after recording why) if it must move on.
-        A stream goes through aiohttp's client, a whole answer through the lean one."""
+    ) -> H1Response | None:
+        """One attempt up to response headers (on the lean client, ``h1.py``); None (after
+        recording why) if it must move on."""
         if target not in scope.targets:
             raise AssertionError(f"plan left the scope: {target.provider}/{target.model}")
         trail.begin(target)
         upstream = self._upstreams[target.provider]
         payload = upstream_body(body, target, stream=stream)
-        response: aiohttp.ClientResponse | H1Response
         try:
             if stream:
-                response = await upstream.open(path, payload, stream=True)
+                response = await upstream.post_stream(path, payload)
             else:
                 response = await upstream.post_json(path, payload)
         except UpstreamError as exc:
@@ -335,7 +310,7 @@ class Relay:
         return response
 
     async def _until_content(
-        self, target: Target, response: aiohttp.ClientResponse, trail: Trail
+        self, target: Target, response: H1Response, trail: Trail
     ) -> OpenStream | None:
         if not response.headers.get("Content-Type", "").startswith(SSE_TYPE):
             response.close()
@@ -364,7 +339,10 @@ class Relay:
         return stream
 
     def reader(
-        self, target: Target, response: aiohttp.ClientResponse, attempts: list[Attempt]
+        self,
+        target: Target,
+        response: aiohttp.ClientResponse | H1Response,
+        attempts: list[Attempt],
     ) -> OpenStream:
         """An ``OpenStream`` over an SSE response, not yet on the idle clock (the Responses
         handler, which finds its own commit point, reads its streams through one too)."""
@@ -410,7 +388,7 @@ def _chunk_before_content(payload: bytes) -> dict[str, Any]:
     return chunk
 
 
-async def _read_quietly(response: aiohttp.ClientResponse) -> bytes:
+async def _read_quietly(response: H1Response) -> bytes:
     try:
         return await response.read()
     except (aiohttp.ClientError, ConnectionError):

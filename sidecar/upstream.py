@@ -129,6 +129,21 @@ class Upstream:
         except OSError as exc:
             raise UpstreamError(f"connect failed: {exc.strerror or exc}") from None
 
+    async def post_stream(self, path: str, body: bytes) -> H1Response:
+        """POST a JSON body for an SSE stream and return once its head arrived (within
+        ``first_byte_timeout_s``), on the lean client; the caller times the stream itself."""
+        try:
+            return await self._answers.post(path, "application/json", body, stream=True)
+        except TimeoutError:
+            timeout_s = self._routing.first_byte_timeout_s
+            raise UpstreamError(f"no response headers within {timeout_s:g}s") from None
+        except InvalidResponse as exc:
+            raise UpstreamError(f"invalid response: {exc}") from None
+        except BodyCut:
+            raise UpstreamError("connection closed before response headers") from None
+        except OSError as exc:
+            raise UpstreamError(f"connect failed: {exc.strerror or exc}") from None
+
     async def send(
         self,
         method: str,

@@ -8,6 +8,7 @@ import gzip
 import shutil
 import ssl
 import subprocess
+import zlib
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -384,4 +385,102 @@ async def test_idle_connections_past_keep_alive_are_dropped(upstream: RawUpstrea
     assert upstream.connections == 3
     assert await post(pool) == (200, b'{"ok":true}')  # the new one is pooled, the old ones gone
     assert upstream.connections == 3
+    pool.close()
+
+
+def chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+STREAM_HEAD = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+)
+
+
+async def read_stream(pool: H1Pool) -> list[bytes]:
+    response = await pool.post("/chat/completions", "application/json", b"{}", stream=True)
+    pieces = []
+    async with response:
+        while piece := await response.content.readany():
+            pieces.append(piece)
+    return pieces
+
+
+async def test_a_stream_is_read_as_it_comes_then_pooled(upstream: RawUpstream) -> None:
+    pool = pool_for(upstream.url())  # read timeout 0.3 s: it does not apply after a stream's head
+    upstream.replies.append(
+        [
+            STREAM_HEAD + chunk(b"data: 1\n\n"),
+            0.05,
+            chunk(b"data: 2\n\n"),
+            0.5,
+            chunk(b"data: 3\n\n") + b"0\r\n\r\n",
+        ]
+    )
+    assert await read_stream(pool) == [b"data: 1\n\n", b"data: 2\n\n", b"data: 3\n\n"]
+    assert await post(pool) == (200, b'{"ok":true}')
+    assert upstream.connections == 1
+    pool.close()
+
+
+async def test_a_gzip_stream_is_decoded_as_it_comes(upstream: RawUpstream) -> None:
+    pool = pool_for(upstream.url())
+    packer = zlib.compressobj(wbits=16 + zlib.MAX_WBITS)
+    first = packer.compress(b"data: one\n\n") + packer.flush(zlib.Z_SYNC_FLUSH)
+    rest = packer.compress(b"data: two\n\n") + packer.flush()
+    head = STREAM_HEAD.replace(b"\r\n\r\n", b"\r\nContent-Encoding: gzip\r\n\r\n")
+    upstream.replies.append([head + chunk(first), 0.05, chunk(rest) + b"0\r\n\r\n"])
+    assert b"".join(await read_stream(pool)) == b"data: one\n\ndata: two\n\n"
+    pool.close()
+
+
+async def test_a_cut_stream_raises_and_is_not_pooled(upstream: RawUpstream) -> None:
+    pool = pool_for(upstream.url())
+    upstream.replies.append([STREAM_HEAD + chunk(b"data: 1\n\n"), 0.05, CLOSE])
+    response = await pool.post("/chat/completions", "application/json", b"{}", stream=True)
+    async with response:
+        assert await response.readany() == b"data: 1\n\n"
+        with pytest.raises(BodyCut):
+            await response.readany()
+    assert await post(pool) == (200, b'{"ok":true}')
+    assert upstream.connections == 2
+    pool.close()
+
+
+async def test_closing_a_stream_wakes_its_reader(upstream: RawUpstream) -> None:
+    pool = pool_for(upstream.url())
+    upstream.replies.append([STREAM_HEAD + chunk(b"data: 1\n\n"), 5.0])
+    response = await pool.post("/chat/completions", "application/json", b"{}", stream=True)
+    assert await response.readany() == b"data: 1\n\n"
+    reading = asyncio.ensure_future(response.readany())
+    await asyncio.sleep(0.05)
+    response.close()  # as the idle sweep does to a stalled stream
+    with pytest.raises(BodyCut):
+        await asyncio.wait_for(reading, 1.0)
+    pool.close()
+
+
+async def test_a_slow_reader_gets_every_byte(upstream: RawUpstream) -> None:
+    pool = pool_for(upstream.url())
+    blob = bytes(range(256)) * 16384  # 4 MiB: past the feed's high-water mark, so reads pause
+    upstream.replies.append([STREAM_HEAD + chunk(blob) + b"0\r\n\r\n"])
+    response = await pool.post("/chat/completions", "application/json", b"{}", stream=True)
+    received = bytearray()
+    async with response:
+        await asyncio.sleep(0.2)
+        while piece := await response.readany():
+            received += piece
+            await asyncio.sleep(0)
+    assert received == blob
+    pool.close()
+
+
+async def test_an_error_answer_to_a_stream_reads_whole(upstream: RawUpstream) -> None:
+    pool = pool_for(upstream.url())
+    upstream.replies.append(
+        [b"HTTP/1.1 429 Too Many\r\nContent-Length: 9\r\n\r\n", 0.05, b'{"e":429}']
+    )
+    response = await pool.post("/chat/completions", "application/json", b"{}", stream=True)
+    async with response:
+        assert (response.status, await response.read()) == (429, b'{"e":429}')
     pool.close()
