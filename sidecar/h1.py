@@ -1,10 +1,11 @@
-"""A lean HTTP/1.1 client for the hot path: one POST, one whole answer, a keep-alive pool.
+"""A lean HTTP/1.1 client for the hot path: one POST, its answer whole or as a stream, and a
+keep-alive pool.
 
 aiohttp's client runs some 800 lines of Python per request (its session, request, connector,
-response and stream-reader objects): two fifths of the Python a proxied request runs, a third
-of its instructions. A plain chat, completion or embedding call needs none of what that buys
+response and stream-reader objects): two fifths of the Python a proxied request ran, and over a
+quarter of its instructions. A chat, completion or embedding call needs none of what that buys
 (cookies, redirects, proxies, auth helpers, trace hooks, multipart), so it goes through this
-client; streams, uploads and every other endpoint keep aiohttp's.
+client; the Responses API, media, uploads and health probes keep aiohttp's.
 
 A connection goes back to the pool only after a complete, well-framed response that allows
 keep-alive. Anything else (a timeout, a cut, a response closed unread, a parse error, bytes
@@ -470,7 +471,7 @@ class H1Response:
 
 
 class H1Pool:
-    """Keep-alive connections to one upstream origin, for POSTs whose answers fit in memory."""
+    """Keep-alive connections to one upstream origin, for JSON POSTs."""
 
     def __init__(
         self,
@@ -507,8 +508,8 @@ class H1Pool:
         """POST ``body`` to the base URL's path + ``path``; return once the head arrived.
         ``stream``: the body is read as it comes, with no read timeout after the head.
 
-        Raises OSError (connect failed), TimeoutError (connect or head too slow),
-        ``InvalidResponse`` or ``BodyCut`` (closed before the head).
+        Raises OSError (connect failed or timed out), TimeoutError (no head within the read
+        timeout), ``InvalidResponse`` or ``BodyCut`` (closed before the head).
         """
         loop = self._loop
         if loop is None:

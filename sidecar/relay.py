@@ -290,10 +290,7 @@ class Relay:
         upstream = self._upstreams[target.provider]
         payload = upstream_body(body, target, stream=stream)
         try:
-            if stream:
-                response = await upstream.post_stream(path, payload)
-            else:
-                response = await upstream.post_json(path, payload)
+            response = await upstream.post(path, payload, stream=stream)
         except UpstreamError as exc:
             self._fail(trail, None, exc.reason)
             return None

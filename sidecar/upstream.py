@@ -1,4 +1,7 @@
-"""One provider: its pooled client session, the request we build for it, failure mapping.
+"""One provider: its pooled clients, the request we build for it, failure mapping.
+
+Chat, completion and embedding calls (streamed or not) go through the lean ``h1.H1Pool``;
+the Responses API, media, uploads and health probes through an aiohttp ``ClientSession``.
 
 The upstream request is built only from the config (URL) and an allow-list of headers plus the
 stored key: nothing a client sends can redirect a key or add a header upstream.
@@ -44,13 +47,6 @@ class Upstream:
         self._base_url = provider.base_url
         self._urls: dict[str, URL] = {}
         self._json_headers = {"Content-Type": "application/json"}
-        # A plain answer's whole wait is bounded by aiohttp's own read timeout (cheaper than an
-        # asyncio.timeout per request); streams time their phases themselves (relay.py).
-        self._answer_timeout = aiohttp.ClientTimeout(
-            total=None,
-            sock_connect=routing.connect_timeout_s,
-            sock_read=routing.first_byte_timeout_s,
-        )
         headers = CIMultiDict(
             {"User-Agent": USER_AGENT, "Accept": "application/json, text/event-stream"}
         )
@@ -86,12 +82,9 @@ class Upstream:
         *,
         content_type: str = "application/json",
         extra_headers: Mapping[str, str] | None = None,
-        stream: bool = True,
     ) -> aiohttp.ClientResponse:
-        """POST and return once the response headers arrived; map transport failures.
-
-        With ``stream=False`` the body's reads are bounded by ``first_byte_timeout_s`` too.
-        """
+        """POST on aiohttp's client and return once the response headers arrived; map
+        transport failures. The caller bounds the body's reads."""
         headers = self._json_headers
         if content_type != "application/json" or extra_headers:
             headers = {"Content-Type": content_type, **(extra_headers or {})}
@@ -99,14 +92,6 @@ class Upstream:
         if url is None:
             url = self._urls[path] = URL(self.url(path))
         try:
-            if not stream:
-                return await self._session.post(
-                    url,
-                    data=body,
-                    headers=headers,
-                    allow_redirects=False,
-                    timeout=self._answer_timeout,
-                )
             async with asyncio.timeout(self._routing.first_byte_timeout_s):
                 return await self._session.post(
                     url, data=body, headers=headers, allow_redirects=False
@@ -114,26 +99,12 @@ class Upstream:
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise self._failure(exc) from None
 
-    async def post_json(self, path: str, body: bytes) -> H1Response:
-        """POST a JSON body for a whole (non-stream) answer and return once its head arrived,
-        on the lean client (``h1.py``); its reads are bounded by ``first_byte_timeout_s``."""
+    async def post(self, path: str, body: bytes, *, stream: bool) -> H1Response:
+        """POST a JSON body on the lean client (``h1.py``) and return once the head arrived,
+        within ``first_byte_timeout_s``. A whole answer's body reads are bounded by it too; a
+        stream's caller times the stream itself."""
         try:
-            return await self._answers.post(path, "application/json", body)
-        except TimeoutError:
-            timeout_s = self._routing.first_byte_timeout_s
-            raise UpstreamError(f"no response headers within {timeout_s:g}s") from None
-        except InvalidResponse as exc:
-            raise UpstreamError(f"invalid response: {exc}") from None
-        except BodyCut:
-            raise UpstreamError("connection closed before response headers") from None
-        except OSError as exc:
-            raise UpstreamError(f"connect failed: {exc.strerror or exc}") from None
-
-    async def post_stream(self, path: str, body: bytes) -> H1Response:
-        """POST a JSON body for an SSE stream and return once its head arrived (within
-        ``first_byte_timeout_s``), on the lean client; the caller times the stream itself."""
-        try:
-            return await self._answers.post(path, "application/json", body, stream=True)
+            return await self._answers.post(path, "application/json", body, stream=stream)
         except TimeoutError:
             timeout_s = self._routing.first_byte_timeout_s
             raise UpstreamError(f"no response headers within {timeout_s:g}s") from None
