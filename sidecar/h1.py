@@ -60,7 +60,8 @@ class _Connection(asyncio.Protocol):
         self.idle_since = 0.0
         self._buffer = bytearray()
         self._head: _Head | None = None
-        self._chunk_left = -1  # chunked: bytes of this chunk still to come; -1: a size line
+        self._chunk_left = _CHUNK_SIZE  # chunked: data bytes of this chunk still to come, or
+        # which delimiter is next
         self._length_left = 0  # Content-Length: body bytes still to come
         self._decoder: Any = None  # a zlib decompressobj for a gzip/deflate body
         self._head_waiter: asyncio.Future[_Head] | None = None
@@ -116,7 +117,7 @@ class _Connection(asyncio.Protocol):
         own clocks)."""
         assert self.transport is not None
         self._head = None
-        self._chunk_left = -1
+        self._chunk_left = _CHUNK_SIZE
         self._decoder = None
         self._buffer.clear()
         self._parts = []
@@ -306,37 +307,54 @@ class _Connection(asyncio.Protocol):
             return True
 
     def _read_chunks(self) -> None:
+        """Decode what the buffer holds of a chunked body. A chunk's data is passed on as it
+        arrives (a stream is not held back by a large chunk); the buffer is trimmed once."""
         buffer = self._buffer
-        while True:
-            if self._chunk_left < 0:
-                line_end = buffer.find(b"\r\n")
-                if line_end < 0:
-                    if len(buffer) > 4096:
-                        raise BodyCut("chunk size line over 4 KiB")
-                    return
-                size = _chunk_size(bytes(buffer[:line_end]))
-                if size == 0:
+        pos, end = 0, len(buffer)
+        try:
+            while pos < end:
+                left = self._chunk_left
+                if left > 0:  # data of the current chunk
+                    take = min(left, end - pos)
+                    self._deliver(bytes(buffer[pos : pos + take]))
+                    pos += take
+                    self._chunk_left = left - take or _CHUNK_CRLF
+                elif left == _CHUNK_CRLF:
+                    if end - pos < 2:
+                        return
+                    if buffer[pos : pos + 2] != b"\r\n":
+                        raise BodyCut("a chunk is not followed by CRLF")
+                    pos += 2
+                    self._chunk_left = _CHUNK_SIZE
+                else:
+                    line_end = buffer.find(b"\r\n", pos)
+                    if line_end < 0:
+                        if end - pos > 4096:
+                            raise BodyCut("chunk size line over 4 KiB")
+                        return
+                    size = _chunk_size(bytes(buffer[pos:line_end]))
+                    if size:
+                        pos = line_end + 2
+                        self._chunk_left = size
+                        continue
                     # The last chunk, then trailer lines up to an empty line.
                     if buffer[line_end : line_end + 4] == b"\r\n\r\n":
-                        end = line_end + 4
+                        last = line_end + 4
                     else:
-                        end = buffer.find(b"\r\n\r\n", line_end + 2)
-                        if end < 0:
+                        last = buffer.find(b"\r\n\r\n", line_end + 2)
+                        if last < 0:
                             return
-                        end += 4
-                    self._end(spoiled=len(buffer) > end)
+                        last += 4
+                    pos = end
+                    self._end(spoiled=end > last)
                     return
-                del buffer[: line_end + 2]
-                self._chunk_left = size
-            left = self._chunk_left
-            if len(buffer) < left + 2:
-                return
-            if buffer[left : left + 2] != b"\r\n":
-                raise BodyCut("a chunk is not followed by CRLF")
-            data = bytes(buffer[:left])
-            del buffer[: left + 2]
-            self._chunk_left = -1
-            self._deliver(data)
+        finally:
+            if pos:
+                del buffer[:pos]
+
+
+_CHUNK_SIZE: Final = -1  # _chunk_left: a chunk size line is next
+_CHUNK_CRLF: Final = -2  # _chunk_left: the CRLF after a chunk's data is next
 
 
 _FEED_HIGH_WATER: Final = 1 << 20

@@ -484,3 +484,17 @@ async def test_an_error_answer_to_a_stream_reads_whole(upstream: RawUpstream) ->
     async with response:
         assert (response.status, await response.read()) == (429, b'{"e":429}')
     pool.close()
+
+
+async def test_a_large_chunk_is_passed_on_as_it_arrives(upstream: RawUpstream) -> None:
+    pool = pool_for(upstream.url())
+    upstream.replies.append([STREAM_HEAD + b"12\r\ndata: 1\n\n", 0.2, b"data: 2\n\n\r\n0\r\n\r\n"])
+    response = await pool.post("/chat/completions", "application/json", b"{}", stream=True)
+    async with response:
+        first = await asyncio.wait_for(response.readany(), 0.15)  # before the rest is sent
+        assert first == b"data: 1\n\n"
+        assert await response.readany() == b"data: 2\n\n"
+        assert await response.readany() == b""
+    assert await post(pool) == (200, b'{"ok":true}')
+    assert upstream.connections == 1
+    pool.close()
