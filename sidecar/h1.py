@@ -479,8 +479,6 @@ class H1Response:
         else:
             connection.abort()
 
-    release = close
-
     async def __aenter__(self) -> H1Response:
         return self
 
