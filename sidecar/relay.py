@@ -229,7 +229,7 @@ class Relay:
             async with response:
                 try:
                     raw = await response.read()  # bounded by the upstream's read timeout
-                except (TimeoutError, aiohttp.ClientError, ConnectionError) as exc:
+                except (TimeoutError, ConnectionError) as exc:
                     reason = "body timed out" if isinstance(exc, TimeoutError) else "body cut"
                     self._fail(trail, response.status, reason)
                     continue
@@ -388,5 +388,5 @@ def _chunk_before_content(payload: bytes) -> dict[str, Any]:
 async def _read_quietly(response: H1Response) -> bytes:
     try:
         return await response.read()
-    except (aiohttp.ClientError, ConnectionError):
+    except ConnectionError:
         return b""

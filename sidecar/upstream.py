@@ -105,15 +105,8 @@ class Upstream:
         stream's caller times the stream itself."""
         try:
             return await self._answers.post(path, "application/json", body, stream=stream)
-        except TimeoutError:
-            timeout_s = self._routing.first_byte_timeout_s
-            raise UpstreamError(f"no response headers within {timeout_s:g}s") from None
-        except InvalidResponse as exc:
-            raise UpstreamError(f"invalid response: {exc}") from None
-        except BodyCut:
-            raise UpstreamError("connection closed before response headers") from None
-        except OSError as exc:
-            raise UpstreamError(f"connect failed: {exc.strerror or exc}") from None
+        except (OSError, InvalidResponse) as exc:  # TimeoutError and BodyCut are OSErrors
+            raise self._failure(exc) from None
 
     async def send(
         self,
@@ -149,14 +142,20 @@ class Upstream:
             raise self._failure(exc) from None
 
     def _failure(self, exc: BaseException) -> UpstreamError:
-        """A transport failure before response headers, as the reason an attempt records."""
+        """A transport failure before response headers (either client's), as the reason an
+        attempt records."""
         if isinstance(exc, TimeoutError):
             timeout_s = self._routing.first_byte_timeout_s
             return UpstreamError(f"no response headers within {timeout_s:g}s")
         if isinstance(exc, aiohttp.ClientConnectorError):
             return UpstreamError(f"connect failed: {exc.os_error.strerror or exc.os_error}")
-        if isinstance(exc, aiohttp.ServerDisconnectedError):
+        if isinstance(exc, aiohttp.ServerDisconnectedError | BodyCut):
             return UpstreamError("connection closed before response headers")
+        if isinstance(exc, InvalidResponse):
+            return UpstreamError(f"invalid response: {exc}")
+        if isinstance(exc, OSError) and not isinstance(exc, aiohttp.ClientError):
+            # The lean client's connect: refused, unresolvable, TLS, or its timeout.
+            return UpstreamError(f"connect failed: {exc.strerror or exc}")
         return UpstreamError(f"{type(exc).__name__}: {exc}")
 
     async def probe(self) -> bool:
