@@ -62,6 +62,7 @@ class _Connection(asyncio.Protocol):
         self._head: _Head | None = None
         self._chunk_left = _CHUNK_SIZE  # chunked: data bytes of this chunk still to come, or
         # which delimiter is next
+        self._plain_chunked_stream = False  # a read that is one whole chunk skips the buffer
         self._length_left = 0  # Content-Length: body bytes still to come
         self._decoder: Any = None  # a zlib decompressobj for a gzip/deflate body
         self._head_waiter: asyncio.Future[_Head] | None = None
@@ -90,6 +91,13 @@ class _Connection(asyncio.Protocol):
             self.abort()  # bytes nobody asked for: this connection is out of step
             return
         self._last_read = self._loop.time()
+        if (
+            self._plain_chunked_stream
+            and self._chunk_left == _CHUNK_SIZE
+            and not self._buffer
+            and self._take_whole_chunk(data)
+        ):
+            return
         self._buffer += data
         try:
             self._advance()
@@ -118,6 +126,7 @@ class _Connection(asyncio.Protocol):
         assert self.transport is not None
         self._head = None
         self._chunk_left = _CHUNK_SIZE
+        self._plain_chunked_stream = False
         self._decoder = None
         self._buffer.clear()
         self._parts = []
@@ -297,6 +306,7 @@ class _Connection(asyncio.Protocol):
                 self._decoder = _decoder_for(head.encoding)
             if self._stream:
                 self._stop_timer()
+                self._plain_chunked_stream = head.chunked and not head.encoding
             else:
                 self._body_waiter = self._loop.create_future()
                 # A failure counts as seen even if the body is never read (closed unread).
@@ -305,6 +315,23 @@ class _Connection(asyncio.Protocol):
             if waiter is not None and not waiter.done():
                 waiter.set_result(head)
             return True
+
+    def _take_whole_chunk(self, data: bytes) -> bool:
+        """Pass on a read that is exactly one whole non-empty chunk (``1a\\r\\n<data>\\r\\n``),
+        as most reads of an upstream stream are, without the buffer; False leaves any other
+        read to ``_read_chunks``."""
+        line_end = data.find(b"\r\n", 0, 10)
+        if line_end <= 0:
+            return False
+        line = data[:line_end]
+        if line.lstrip(_HEX_DIGITS):  # a chunk extension, or not a size at all
+            return False
+        size = int(line, 16)
+        stop = line_end + 2 + size
+        if size == 0 or len(data) != stop + 2 or not data.endswith(b"\r\n"):
+            return False
+        self._take(data[line_end + 2 : stop])
+        return True
 
     def _read_chunks(self) -> None:
         """Decode what the buffer holds of a chunked body. A chunk's data is passed on as it
@@ -353,6 +380,7 @@ class _Connection(asyncio.Protocol):
                 del buffer[:pos]
 
 
+_HEX_DIGITS: Final = b"0123456789abcdefABCDEF"
 _CHUNK_SIZE: Final = -1  # _chunk_left: a chunk size line is next
 _CHUNK_CRLF: Final = -2  # _chunk_left: the CRLF after a chunk's data is next
 
@@ -375,12 +403,9 @@ def _seen(future: asyncio.Future[bytes]) -> None:
 
 def _chunk_size(line: bytes) -> int:
     text = line.split(b";", 1)[0].strip()
-    if not text or len(text) > 15:
+    if not text or len(text) > 15 or text.lstrip(_HEX_DIGITS):
         raise BodyCut("bad chunk size line")
-    try:
-        return int(text, 16)
-    except ValueError:
-        raise BodyCut("bad chunk size line") from None
+    return int(text, 16)
 
 
 def _parse_head(lines: list[bytes]) -> _Head:

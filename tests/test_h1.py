@@ -498,3 +498,51 @@ async def test_a_large_chunk_is_passed_on_as_it_arrives(upstream: RawUpstream) -
     assert await post(pool) == (200, b'{"ok":true}')
     assert upstream.connections == 1
     pool.close()
+
+
+@pytest.mark.parametrize(
+    ("read", "expected"),
+    [
+        (chunk(b"data: 2\n\n"), b"data: 2\n\n"),  # one whole chunk: the buffer is skipped
+        (b"9;ext=1\r\ndata: 2\n\n\r\n", b"data: 2\n\n"),  # an extension: the full decoder
+        (chunk(b"data: 2\n\n") + chunk(b"data: 3\n\n"), b"data: 2\n\ndata: 3\n\n"),
+        (chunk(b"data: 2\n\n") + b"9\r\ndata", b"data: 2\n\ndata: 3\n\n"),  # and a half
+        (b" 9\r\ndata: 2\n\n\r\n", b"data: 2\n\n"),  # space around the size: the full decoder
+    ],
+)
+async def test_reads_between_chunks_decode_alike(
+    upstream: RawUpstream, read: bytes, expected: bytes
+) -> None:
+    rest = (b": 3\n\n\r\n" if read.endswith(b"data") else b"") + b"0\r\n\r\n"
+    upstream.replies.append([STREAM_HEAD + chunk(b"data: 1\n\n"), 0.05, read, 0.05, rest])
+    pool = pool_for(upstream.url())
+    assert b"".join(await read_stream(pool)) == b"data: 1\n\n" + expected
+    assert await post(pool) == (200, b'{"ok":true}')
+    assert upstream.connections == 1
+    pool.close()
+
+
+@pytest.mark.parametrize(
+    ("read", "passed_on"),
+    [
+        (b"9\r\ndata: 2\n\nXY", b"data: 2\n\n"),  # the data goes on as it comes, then the cut
+        (b"9\r\ndata: 2\n\n\n\r", b"data: 2\n\n"),
+        (b"-9\r\ndata: 2\n\n\r\n", b""),
+        (b"+9\r\ndata: 2\n\n\r\n", b""),
+        (b"0x9\r\ndata: 2\n\n\r\n", b""),
+        (b"1_0\r\ndata: 2\n\n\r\n", b""),
+    ],
+)
+async def test_a_whole_looking_read_that_is_not_a_chunk_cuts_the_stream(
+    upstream: RawUpstream, read: bytes, passed_on: bytes
+) -> None:
+    upstream.replies.append([STREAM_HEAD + chunk(b"data: 1\n\n"), 0.05, read, 1.0])
+    pool = pool_for(upstream.url())
+    response = await pool.post("/chat/completions", "application/json", b"{}", stream=True)
+    received = b""
+    async with response:
+        with pytest.raises(BodyCut):
+            while True:
+                received += await asyncio.wait_for(response.readany(), 0.5)
+    assert received == b"data: 1\n\n" + passed_on
+    pool.close()
