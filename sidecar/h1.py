@@ -3,9 +3,9 @@ keep-alive pool.
 
 aiohttp's client runs some 800 lines of Python per request (its session, request, connector,
 response and stream-reader objects): two fifths of the Python a proxied request ran, and over a
-quarter of its instructions. A chat, completion or embedding call needs none of what that buys
-(cookies, redirects, proxies, auth helpers, trace hooks, multipart), so it goes through this
-client; the Responses API, media, uploads and health probes keep aiohttp's.
+quarter of its instructions. A chat, completion, embedding or Responses API call needs none of
+what that buys (cookies, redirects, proxies, auth helpers, trace hooks, multipart), so it goes
+through this client; media, uploads and health probes keep aiohttp's.
 
 A connection goes back to the pool only after a complete, well-framed response that allows
 keep-alive. Anything else (a timeout, a cut, a response closed unread, a parse error, bytes

@@ -1,7 +1,7 @@
 """One provider: its pooled clients, the request we build for it, failure mapping.
 
-Chat, completion and embedding calls (streamed or not) go through the lean ``h1.H1Pool``;
-the Responses API, media, uploads and health probes through an aiohttp ``ClientSession``.
+Chat, completion, embedding and Responses API calls (streamed or not) go through the lean
+``h1.H1Pool``; media, uploads and health probes through an aiohttp ``ClientSession``.
 
 The upstream request is built only from the config (URL) and an allow-list of headers plus the
 stored key: nothing a client sends can redirect a key or add a header upstream.

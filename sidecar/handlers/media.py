@@ -125,7 +125,7 @@ async def _multipart_call(request: web.Request, surface: Surface, runtime: Runti
         spool.close()
 
 
-def multipart_sender(path: str, spool: Spool) -> passthrough.Send:
+def multipart_sender(path: str, spool: Spool) -> passthrough.Send[aiohttp.ClientResponse]:
     async def send(upstream: Upstream, target: Target) -> aiohttp.ClientResponse:
         return await upstream.send(
             "POST",
@@ -137,7 +137,9 @@ def multipart_sender(path: str, spool: Spool) -> passthrough.Send:
     return send
 
 
-async def _complete(exchange: Exchange, send: passthrough.Send, *, json: bool) -> web.Response:
+async def _complete(
+    exchange: Exchange, send: passthrough.Send[aiohttp.ClientResponse], *, json: bool
+) -> web.Response:
     timeout_s = exchange.runtime.settings.routing.idle_timeout_s
 
     async def settle(target: Target, response: aiohttp.ClientResponse) -> Reply:
@@ -175,8 +177,8 @@ def worst_case_of(exchange: Exchange) -> dict[str, Any]:
 
 async def walk_recorded(
     exchange: Exchange,
-    send: passthrough.Send,
-    settle: Callable[[Target, aiohttp.ClientResponse], Awaitable[Any]],
+    send: passthrough.Send[passthrough.R],
+    settle: Callable[[Target, passthrough.R], Awaitable[Any]],
 ) -> Any:
     try:
         return await passthrough.walk(exchange, send, settle)

@@ -24,6 +24,7 @@ from .. import billing, routing, wire
 from ..budget import Reservation
 from ..cache import Decision
 from ..errors import InvalidRequest, RequestTooLarge
+from ..h1 import H1Response
 from ..health import parse_retry_after
 from ..relay import FAILOVER_STATUSES, AllAttemptsFailed
 from ..scope import Target, parse_narrowing
@@ -37,8 +38,10 @@ CHUNK_BYTES = 1 << 16
 SPOOL_IO_BYTES = 1 << 20
 NOT_CACHED = Decision(False, False, "not a cached endpoint")
 
-Send = Callable[[Upstream, Target], Awaitable[aiohttp.ClientResponse]]
 T = TypeVar("T")
+# Either client's response: the Responses API streams on the lean one, media on aiohttp's.
+R = TypeVar("R", aiohttp.ClientResponse, H1Response)
+Send = Callable[[Upstream, Target], Awaitable[R]]
 
 
 @dataclass(slots=True)
@@ -58,8 +61,8 @@ class Reply:
 
 async def walk(
     exchange: Exchange,
-    send: Send,
-    settle: Callable[[Target, aiohttp.ClientResponse], Awaitable[T]],
+    send: Send[R],
+    settle: Callable[[Target, R], Awaitable[T]],
 ) -> T:
     """Try the plan in order with the same failover rules as ``Relay``.
 
@@ -95,7 +98,11 @@ async def walk(
 
 
 async def read_reply(
-    target: Target, response: aiohttp.ClientResponse, *, timeout_s: float, json: bool
+    target: Target,
+    response: aiohttp.ClientResponse | H1Response,
+    *,
+    timeout_s: float,
+    json: bool,
 ) -> Reply:
     """Read a whole answer; with ``json`` a 2xx must be a JSON object (else: fail over)."""
     content_type = response.headers.get("Content-Type", wire.JSON_TYPE)

@@ -8,12 +8,12 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-import aiohttp
 import orjson
 from aiohttp import web
 
 from .. import billing, wire
 from ..billing import Usage
+from ..h1 import H1Response
 from ..relay import OpenStream
 from ..scope import Target
 from ..state import LIVE, Runtime
@@ -107,11 +107,11 @@ async def _stream(
     exchange.stream = True
     settings = runtime.settings.routing
 
-    async def send(upstream: Upstream, target: Target) -> aiohttp.ClientResponse:
+    async def send(upstream: Upstream, target: Target) -> H1Response:
         upstream_body = orjson.dumps({**body, "model": target.upstream_model})
-        return await upstream.open(RESPONSES.upstream_path, upstream_body)
+        return await upstream.post(RESPONSES.upstream_path, upstream_body, stream=True)
 
-    async def settle(target: Target, response: aiohttp.ClientResponse) -> Reply | _Opened:
+    async def settle(target: Target, response: H1Response) -> Reply | _Opened:
         if response.status >= 400:
             return await passthrough.read_reply(
                 target, response, timeout_s=settings.idle_timeout_s, json=False
