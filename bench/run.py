@@ -83,7 +83,7 @@ class Target:
 class Row:
     scenario: str
     target: str
-    kind: str  # rps | stream | hold | usage
+    kind: str  # rps | stream | hold | idle | usage
     rps: float | None = None
     p50: float | None = None
     p99: float | None = None
@@ -514,8 +514,16 @@ def run_scenarios(
 
 
 def group_rows(
-    drv: Driver, plan: Plan, group: Group, label: str, scenarios: list[Scenario]
+    drv: Driver,
+    plan: Plan,
+    group: Group,
+    label: str,
+    scenarios: list[Scenario],
+    *,
+    idle: bool = False,
 ) -> list[Row]:
+    """The scenarios' rows on servers started for them; with ``idle``, first each server's
+    resident memory at rest, before any load."""
     print(f"[{label}] starting servers", flush=True)
     with Procs(drv.workdir, None if drv.cpu is None else 1) as procs:
         direct, proxies = start_group(procs, group, label)
@@ -523,7 +531,27 @@ def group_rows(
         for target in targets:
             if target.problem:
                 print(f"  {target.name}: {target.problem}", flush=True)
-        return run_scenarios(drv, plan, scenarios, targets)
+        rows = idle_rows(targets) if idle else []
+        return rows + run_scenarios(drv, plan, scenarios, targets)
+
+
+IDLE = "idle, after start"
+IDLE_SETTLE_S = 2.0
+
+
+def idle_rows(targets: list[Target]) -> list[Row]:
+    """VmRSS of each server (and its children) once it answered its health check and sat
+    still for ``IDLE_SETTLE_S``: what the process costs a host that sends it nothing."""
+    print(f"  {IDLE}: " + ", ".join(t.name for t in targets), flush=True)
+    time.sleep(IDLE_SETTLE_S)
+    rows = []
+    for target in targets:
+        row = Row(IDLE, target.name, "idle", problem=target.problem)
+        if not target.problem:
+            row.rss_mb = status_kb(target.pid, "VmRSS") / 1024
+            row.note = "VmRSS at rest, before any request"
+        rows.append(row)
+    return rows
 
 
 # ---------------------------------------------------------------- usage over a large ledger
@@ -614,7 +642,7 @@ def versus(row: Row, ref: Row | None) -> str:
         parts.append(f"{row.rps / ref.rps:.2f}x/s")
     if row.kind in ("rps", "stream") and row.p50 is not None and ref.p50 is not None:
         parts.append(f"{row.p50 - ref.p50:+.2f} ms")
-    if row.kind == "hold" and row.rss_mb and ref.rss_mb:
+    if row.kind in ("hold", "idle") and row.rss_mb and ref.rss_mb:
         parts.append(f"{row.rss_mb / ref.rss_mb:.1f}x RSS")
     if row.kind == "usage" and row.seconds and ref.seconds:
         parts.append(f"{row.seconds / ref.seconds:.1f}x time")
@@ -705,7 +733,7 @@ def collect(args: argparse.Namespace, drv: Driver, plan: Plan) -> tuple[list[Row
     if "hold" in only:
         hold = Group(plan.hold_chunks, plan.hold_delay_ms, peers=peer_names)
         sc = Scenario(f"{plan.hold_streams} open streams", "hold", plan.hold_streams)
-        rows += group_rows(drv, plan, hold, "hold", [sc])
+        rows += group_rows(drv, plan, hold, "hold", [sc], idle=True)
     if "cache" in only:
         rows += group_rows(drv, plan, Group(cache="deterministic"), "cache", SCENARIOS["cache"])
     extra = ""

@@ -167,6 +167,18 @@ def test_table_marks_failures_and_ratios() -> None:
     assert "did not start (exit 2): boom" in sidecar_line
 
 
+def test_idle_rows_read_each_servers_resident_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(run, "IDLE_SETTLE_S", 0.0)
+    me = run.Target("sidecar", "http://127.0.0.1:1", os.getpid())
+    broken = run.Target("floor", problem="did not start (exit 1): no")
+    rows = run.idle_rows([broken, me])
+    assert rows[0].problem and rows[0].rss_mb is None
+    own_kb = run.status_kb(os.getpid(), "VmRSS")
+    assert rows[1].rss_mb is not None and abs(rows[1].rss_mb * 1024 - own_kb) < 16 * 1024
+    text = run.table(rows + [run.Row(run.IDLE, "direct", "idle", rss_mb=rows[1].rss_mb / 2)], {})
+    assert "2.0x RSS" in next(line for line in text.splitlines() if "| sidecar |" in line)
+
+
 def test_total_instructions_reads_each_files_totals(tmp_path: Path) -> None:
     dumped = tmp_path / "sidecar.callgrind.42.1"
     dumped.write_text("events: Ir\nsummary: 0\nfl=x\n1 5\ntotals: 961853000\n")
