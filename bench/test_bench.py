@@ -7,11 +7,13 @@ import os
 import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import instructions
 import orjson
 import pytest
+import raw_proxy
 import run
 import streams
 import upstream
@@ -120,6 +122,34 @@ async def test_upstream_stream_shape_and_keep_alive(fake_upstream: str) -> None:
         assert parsed[5]["usage"]["completion_tokens"] == 3
         async with session.post(f"{fake_upstream}/v1/embeddings", json={"input": ["a", "b"]}) as r:
             assert len((await r.json())["data"]) == 2
+
+
+async def test_raw_proxy_pipes_answers_and_streams_unchanged(fake_upstream: str) -> None:
+    loop = asyncio.get_running_loop()
+    pool: list[raw_proxy.UpstreamConnection] = []
+    up_port = int(fake_upstream.rsplit(":", 1)[1])
+    server = await loop.create_server(
+        lambda: raw_proxy.ClientConnection(up_port, pool), "127.0.0.1", 0
+    )
+    proxy = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1/chat/completions"
+    direct = f"{fake_upstream}/v1/chat/completions"
+    try:
+        async with aiohttp.ClientSession() as session:
+            for stream in (False, True, False, True):  # keep-alive on both sides
+                body: dict[str, Any] = {"model": "bench-model", "messages": [], "stream": stream}
+                async with session.post(proxy, json=body) as resp:
+                    via_proxy = (resp.status, resp.headers["Content-Type"], await resp.read())
+                body["model"] = raw_proxy.UPSTREAM_MODEL.decode()
+                async with session.post(direct, json=body) as resp:
+                    direct_answer = (resp.status, resp.headers["Content-Type"], await resp.read())
+                assert via_proxy == direct_answer
+        assert len(pool) == 1  # one upstream connection served all four
+    finally:
+        for connection in pool:
+            if connection.transport is not None:
+                connection.transport.close()
+        server.close()
+        await server.wait_closed()
 
 
 async def test_stream_driver_measures_against_upstream(fake_upstream: str) -> None:
