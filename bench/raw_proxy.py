@@ -4,10 +4,11 @@
 
 It parses the request head and its Content-Length body, swaps ``model`` (orjson), forwards on a
 pooled upstream connection and pipes the response bytes to the client exactly as they come, for
-whole answers and streams alike. It knows a response has ended by its Content-Length or the
-chunked terminator. That is enough for ``upstream.py``'s answers and is no general proxy: no
-SSE parsing, no checks, no features. It is not a target of ``make bench``. It measures how much
-of the floor's cost is aiohttp itself: run it beside the floor by hand (``bench/README.md``).
+whole answers and streams alike (any other method gets "ok", for readiness checks). It knows a
+response has ended by its Content-Length or the chunked terminator. That is enough for
+``upstream.py``'s answers and is no general proxy: no SSE parsing, no checks, no features. It is
+a target only with ``run.py --raw``: it measures how much of the floor's cost is aiohttp itself
+(``bench/README.md``).
 """
 
 from __future__ import annotations
@@ -92,8 +93,12 @@ class ClientConnection(asyncio.Protocol):
         if len(self.buffer) < end + 4 + length:
             return
         body = self.buffer[end + 4 : end + 4 + length]
+        is_post = self.buffer.startswith(b"POST ")
         self.buffer = self.buffer[end + 4 + length :]
-        asyncio.ensure_future(self.forward(body))
+        if is_post:
+            asyncio.ensure_future(self.forward(body))
+        elif self.transport is not None:  # GET /-/health, for the runner's readiness check
+            self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
 
     async def forward(self, body: bytes) -> None:
         request = orjson.loads(body)

@@ -249,6 +249,7 @@ class Group:
     cache: str = "off"
     fsync: str = "default"
     floor: bool = True
+    raw: bool = False
     peers: tuple[str, ...] = ()
 
 
@@ -259,6 +260,8 @@ def start_group(procs: Procs, group: Group, label: str) -> tuple[Target, list[Ta
     proxies = []
     if group.floor:
         proxies.append(start_floor(procs, label, up_port))
+    if group.raw:
+        proxies.append(start_raw(procs, label, up_port))
     proxies.append(start_sidecar(procs, group, label, up_port))
     for name in group.peers:
         proxies.append(start_peer(procs, name, label, up_port))
@@ -292,6 +295,16 @@ def start_floor(procs: Procs, label: str, up_port: int) -> Target:
     )
     target = Target("floor", f"http://127.0.0.1:{port}", pid)
     target.problem = procs.wait_ready(f"{label}-floor", pid, f"{target.base_url}/-/health", 15)
+    return target
+
+
+def start_raw(procs: Procs, label: str, up_port: int) -> Target:
+    """``raw_proxy.py``, no aiohttp at all: how much of the floor's cost is aiohttp's."""
+    port = free_port()
+    argv = [PY, str(BENCH / "raw_proxy.py"), "--port", str(port), "--upstream-port", str(up_port)]
+    pid = procs.start(f"{label}-raw", argv)
+    target = Target("raw (no aiohttp)", f"http://127.0.0.1:{port}", pid)
+    target.problem = procs.wait_ready(f"{label}-raw", pid, f"{target.base_url}/-/health", 15)
     return target
 
 
@@ -717,6 +730,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="tokenhub-sidecar benchmarks")
     parser.add_argument("--quick", action="store_true", help="short runs: a smoke test")
     parser.add_argument("--peers", action="store_true", help="add LiteLLM and Portkey rows")
+    parser.add_argument(
+        "--raw", action="store_true", help="add raw_proxy.py (no aiohttp) to chat and stream rows"
+    )
     parser.add_argument("--rounds", type=int, help="interleaved rounds per scenario")
     parser.add_argument("--only", default="chat,stream,hold,cache,ledger,usage")
     parser.add_argument("--out", type=Path, default=BENCH / "results" / "latest.md")
@@ -729,7 +745,7 @@ def collect(args: argparse.Namespace, drv: Driver, plan: Plan) -> tuple[list[Row
     rows: list[Row] = []
     wanted = [s for key in ("chat", "stream") if key in only for s in SCENARIOS[key]]
     if wanted:
-        rows += group_rows(drv, plan, Group(peers=peer_names), "main", wanted)
+        rows += group_rows(drv, plan, Group(raw=args.raw, peers=peer_names), "main", wanted)
     if "hold" in only:
         hold = Group(plan.hold_chunks, plan.hold_delay_ms, peers=peer_names)
         sc = Scenario(f"{plan.hold_streams} open streams", "hold", plan.hold_streams)
@@ -778,6 +794,7 @@ def render(
         "python bench/run.py"
         + (" --quick" if args.quick else "")
         + (" --peers" if args.peers else "")
+        + (" --raw" if args.raw else "")
     )
     head = [
         f"Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {mode}: "

@@ -152,6 +152,15 @@ async def test_raw_proxy_pipes_answers_and_streams_unchanged(fake_upstream: str)
         await server.wait_closed()
 
 
+def test_the_runner_starts_the_raw_proxy_as_a_target(tmp_path: Path) -> None:
+    with run.Procs(tmp_path, None) as procs:
+        direct = run.start_upstream(procs, "upstream", 2, 1)
+        raw = run.start_raw(procs, "t", direct.port)
+        assert not direct.problem and not raw.problem, (direct.problem, raw.problem)
+        row = run.run_wrk(run.Driver(None, tmp_path), raw, 2, 1, run.chat_body(1.0))
+    assert row.problem == "" and row.note == "" and row.rps and row.rps > 0, row
+
+
 async def test_stream_driver_measures_against_upstream(fake_upstream: str) -> None:
     args = streams.parse_args(
         ["--url", f"{fake_upstream}/v1/chat/completions", "-c", "5", "--hold"]
