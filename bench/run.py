@@ -268,44 +268,33 @@ def start_group(procs: Procs, group: Group, label: str) -> tuple[Target, list[Ta
     return direct, proxies
 
 
-def start_upstream(procs: Procs, name: str, chunks: int, delay_ms: float) -> Target:
-    """The fake upstream, as the "direct" target; ``.problem`` if it did not start."""
+def start_script(
+    procs: Procs, log_name: str, target: str, script: str, args: Sequence[str], timeout_s: float
+) -> Target:
+    """One of the bench's own servers (``bench/<script> --port N <args>``) as a target, once it
+    answers ``/-/health``; ``.problem`` if it did not start."""
     port = free_port()
-    argv = [PY, str(BENCH / "upstream.py"), "--port", str(port)]
-    pid = procs.start(name, [*argv, "--chunks", str(chunks), "--chunk-delay-ms", str(delay_ms)])
-    direct = Target("direct", f"http://127.0.0.1:{port}", pid)
-    direct.problem = procs.wait_ready(name, pid, f"{direct.base_url}/-/health", 10)
-    return direct
+    pid = procs.start(log_name, [PY, str(BENCH / script), "--port", str(port), *args])
+    started = Target(target, f"http://127.0.0.1:{port}", pid)
+    started.problem = procs.wait_ready(log_name, pid, f"{started.base_url}/-/health", timeout_s)
+    return started
+
+
+def start_upstream(procs: Procs, name: str, chunks: int, delay_ms: float) -> Target:
+    """The fake upstream, as the "direct" target."""
+    args = ["--chunks", str(chunks), "--chunk-delay-ms", str(delay_ms)]
+    return start_script(procs, name, "direct", "upstream.py", args, 10)
 
 
 def start_floor(procs: Procs, label: str, up_port: int) -> Target:
-    port = free_port()
-    pid = procs.start(
-        f"{label}-floor",
-        [
-            PY,
-            str(BENCH / "floor.py"),
-            "--port",
-            str(port),
-            "--upstream",
-            f"http://127.0.0.1:{up_port}",
-            "--model",
-            UPSTREAM_MODEL,
-        ],
-    )
-    target = Target("floor", f"http://127.0.0.1:{port}", pid)
-    target.problem = procs.wait_ready(f"{label}-floor", pid, f"{target.base_url}/-/health", 15)
-    return target
+    args = ["--upstream", f"http://127.0.0.1:{up_port}", "--model", UPSTREAM_MODEL]
+    return start_script(procs, f"{label}-floor", "floor", "floor.py", args, 15)
 
 
 def start_raw(procs: Procs, label: str, up_port: int) -> Target:
     """``raw_proxy.py``, no aiohttp at all: how much of the floor's cost is aiohttp's."""
-    port = free_port()
-    argv = [PY, str(BENCH / "raw_proxy.py"), "--port", str(port), "--upstream-port", str(up_port)]
-    pid = procs.start(f"{label}-raw", argv)
-    target = Target("raw (no aiohttp)", f"http://127.0.0.1:{port}", pid)
-    target.problem = procs.wait_ready(f"{label}-raw", pid, f"{target.base_url}/-/health", 15)
-    return target
+    args = ["--upstream-port", str(up_port)]
+    return start_script(procs, f"{label}-raw", "raw (no aiohttp)", "raw_proxy.py", args, 15)
 
 
 def start_sidecar(procs: Procs, group: Group, label: str, up_port: int) -> Target:
