@@ -323,12 +323,11 @@ class _Connection(asyncio.Protocol):
         line_end = data.find(b"\r\n", 0, 10)
         if line_end <= 0:
             return False
-        line = data[:line_end]
-        if line.lstrip(_HEX_DIGITS):  # a chunk extension, or not a size at all
+        size = _hex_size(data[:line_end])  # None: an extension, spaces, or not a size at all
+        if not size:
             return False
-        size = int(line, 16)
         stop = line_end + 2 + size
-        if size == 0 or len(data) != stop + 2 or not data.endswith(b"\r\n"):
+        if len(data) != stop + 2 or not data.endswith(b"\r\n"):
             return False
         self._take(data[line_end + 2 : stop])
         return True
@@ -402,9 +401,17 @@ def _seen(future: asyncio.Future[bytes]) -> None:
 
 
 def _chunk_size(line: bytes) -> int:
-    text = line.split(b";", 1)[0].strip()
-    if not text or len(text) > 15 or text.lstrip(_HEX_DIGITS):
+    size = _hex_size(line.split(b";", 1)[0].strip())
+    if size is None:
         raise BodyCut("bad chunk size line")
+    return size
+
+
+def _hex_size(text: bytes) -> int | None:
+    """A chunk size: 1 to 15 hex digits and nothing else (``int()`` alone would also take a
+    sign, ``0x``, ``_`` and spaces)."""
+    if not text or len(text) > 15 or text.lstrip(_HEX_DIGITS):
+        return None
     return int(text, 16)
 
 
