@@ -14,7 +14,6 @@ from collections.abc import AsyncIterable, Mapping
 
 import aiohttp
 from multidict import CIMultiDict
-from yarl import URL
 
 from .config import ProviderConfig, RoutingConfig
 from .h1 import BodyCut, H1Pool, H1Response, InvalidResponse
@@ -45,8 +44,6 @@ class Upstream:
         self.name = provider.name
         self._routing = routing
         self._base_url = provider.base_url
-        self._urls: dict[str, URL] = {}
-        self._json_headers = {"Content-Type": "application/json"}
         headers = CIMultiDict(
             {"User-Agent": USER_AGENT, "Accept": "application/json, text/event-stream"}
         )
@@ -75,30 +72,6 @@ class Upstream:
         """``path`` is one of our fixed endpoint paths relative to the provider's base URL."""
         return self._base_url + path
 
-    async def open(
-        self,
-        path: str,
-        body: bytes,
-        *,
-        content_type: str = "application/json",
-        extra_headers: Mapping[str, str] | None = None,
-    ) -> aiohttp.ClientResponse:
-        """POST on aiohttp's client and return once the response headers arrived; map
-        transport failures. The caller bounds the body's reads."""
-        headers = self._json_headers
-        if content_type != "application/json" or extra_headers:
-            headers = {"Content-Type": content_type, **(extra_headers or {})}
-        url = self._urls.get(path)
-        if url is None:
-            url = self._urls[path] = URL(self.url(path))
-        try:
-            async with asyncio.timeout(self._routing.first_byte_timeout_s):
-                return await self._session.post(
-                    url, data=body, headers=headers, allow_redirects=False
-                )
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            raise self._failure(exc) from None
-
     async def post(self, path: str, body: bytes, *, stream: bool) -> H1Response:
         """POST a JSON body on the lean client (``h1.py``) and return once the head arrived,
         within ``first_byte_timeout_s``. A whole answer's body reads are bounded by it too; a
@@ -117,9 +90,10 @@ class Upstream:
         headers: Mapping[str, str] | None = None,
         params: Mapping[str, str] | None = None,
     ) -> aiohttp.ClientResponse:
-        """Like ``open`` for any method, with a body that may be streamed (multipart uploads).
-
-        A streamed body needs its ``Content-Length`` in ``headers``, else it goes chunked.
+        """A request on aiohttp's client (media, uploads, video jobs), returned once the response
+        headers arrived within ``first_byte_timeout_s``; transport failures are mapped. The
+        caller bounds the body's reads. A streamed body (multipart uploads) needs its
+        ``Content-Length`` in ``headers``, else it goes chunked.
         """
         try:
             async with asyncio.timeout(self._routing.first_byte_timeout_s):

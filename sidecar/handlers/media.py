@@ -102,7 +102,9 @@ async def _json_call(request: web.Request, surface: Surface, runtime: Runtime) -
 
     async def send(upstream: Upstream, target: Target) -> aiohttp.ClientResponse:
         body = orjson.dumps({**exchange.body, "model": target.upstream_model})
-        return await upstream.open(surface.upstream_path, body)
+        return await upstream.send(
+            "POST", surface.upstream_path, body, headers={"Content-Type": wire.JSON_TYPE}
+        )
 
     return await _complete(exchange, send, json=True)
 
