@@ -18,7 +18,7 @@ from .cache import ResponseCache, SingleFlight
 from .config import Settings
 from .errors import MethodNotAllowed, NotFound, RequestTooLarge, SidecarError
 from .handlers import media, model, models, operator, responses, videos
-from .handlers.context import RequestIds, RequestInfo, new_request_info
+from .handlers.context import INFO, RequestIds, RequestInfo, new_request_info
 from .health import HealthBook, Prober
 from .ledger import Ledger
 from .log import BatchWriter, Redactor, RequestLog, get_logger
@@ -179,7 +179,8 @@ def guard_for(live: Live, metrics: Metrics, request_log: RequestLog, ids: Reques
 
     @web.middleware
     async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
-        info = new_request_info(request, ids)
+        info = new_request_info(request.headers, ids)
+        request[INFO] = info
         runtime = live.current
         response: web.StreamResponse | None = None
         in_flight = metrics.in_flight

@@ -6,9 +6,14 @@ import itertools
 import os
 import re
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from aiohttp import web
+
+from .. import wire
+from ..state import Runtime
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
@@ -40,14 +45,72 @@ class RequestIds:
         return f"{self._prefix}{next(self._counter):012x}"
 
 
-def new_request_info(request: web.Request, ids: RequestIds) -> RequestInfo:
+def new_request_info(headers: Mapping[str, str], ids: RequestIds) -> RequestInfo:
     """Echo a well-formed client ``X-Request-Id``; otherwise make one."""
-    given = request.headers.get("X-Request-Id")
-    request_id = given if given and _REQUEST_ID.match(given) else ids.next()
-    info = RequestInfo(request_id)
-    request[INFO] = info
-    return info
+    given = headers.get("X-Request-Id")
+    return RequestInfo(given if given and _REQUEST_ID.match(given) else ids.next())
 
 
 def request_info(request: web.Request) -> RequestInfo:
     return request[INFO]
+
+
+@dataclass(slots=True)
+class Incoming:
+    """A model request as the handlers need it, whichever server front read it."""
+
+    headers: Mapping[str, str]
+    body: bytes
+    info: RequestInfo
+    runtime: Runtime
+
+
+@dataclass(slots=True)
+class WholeResponse:
+    """An answer sent in one piece (a streamed one goes out through an ``Outlet``)."""
+
+    status: int
+    headers: dict[str, str]
+    body: bytes
+    content_type: str
+
+
+class Outlet(Protocol):
+    """Where a streamed answer goes: aiohttp's ``StreamResponse`` or the lean front's
+    connection. The head goes out with the first write."""
+
+    async def start_stream(self, headers: dict[str, str]) -> None: ...
+
+    async def write(self, data: bytes) -> None: ...
+
+    async def write_eof(self, data: bytes) -> None: ...
+
+
+class WebOutlet:
+    """An ``Outlet`` over aiohttp: a 200 ``text/event-stream`` answer to ``request``."""
+
+    __slots__ = ("request", "response")
+
+    def __init__(self, request: web.Request) -> None:
+        self.request = request
+        self.response: web.StreamResponse | None = None
+
+    async def start_stream(self, headers: dict[str, str]) -> None:
+        response = web.StreamResponse(headers=headers)
+        response.content_type = wire.SSE_TYPE
+        self.response = response
+        await response.prepare(self.request)
+
+    async def write(self, data: bytes) -> None:
+        assert self.response is not None
+        await self.response.write(data)
+
+    async def write_eof(self, data: bytes) -> None:
+        assert self.response is not None
+        await self.response.write_eof(data)
+
+
+def web_response(whole: WholeResponse) -> web.Response:
+    return web.Response(
+        status=whole.status, body=whole.body, headers=whole.headers, content_type=whole.content_type
+    )

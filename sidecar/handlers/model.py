@@ -18,8 +18,8 @@ from ..errors import SidecarError
 from ..relay import AllAttemptsFailed, Answer, OpenStream
 from ..replay import replay_chunks
 from ..scope import Scope, Target, parse_narrowing
-from ..state import LIVE, Runtime
-from .context import request_info
+from ..state import LIVE
+from .context import Incoming, Outlet, WebOutlet, WholeResponse, request_info, web_response
 from .exchange import (
     BYTES_PER_TOKEN,
     CHAT,
@@ -34,24 +34,42 @@ from .exchange import (
 )
 from .streaming import relay_stream
 
-__all__ = ["CHAT", "COMPLETIONS", "EMBEDDINGS", "handle"]
+__all__ = ["CHAT", "COMPLETIONS", "EMBEDDINGS", "handle", "serve", "serve_on_aiohttp"]
 
 
 async def handle(request: web.Request, surface: Surface) -> web.StreamResponse:
-    runtime = request.app[LIVE].current
+    """The aiohttp route for a model endpoint."""
+    return await serve_on_aiohttp(request, surface, await request.read())
+
+
+async def serve_on_aiohttp(
+    request: web.Request, surface: Surface, body: bytes
+) -> web.StreamResponse:
+    outlet = WebOutlet(request)
+    incoming = Incoming(request.headers, body, request_info(request), request.app[LIVE].current)
+    whole = await serve(incoming, surface, outlet)
+    if whole is not None:
+        return web_response(whole)
+    assert outlet.response is not None
+    return outlet.response
+
+
+async def serve(incoming: Incoming, surface: Surface, outlet: Outlet) -> WholeResponse | None:
+    """Answer one model request: whole (returned), or streamed through ``outlet`` (None)."""
+    runtime = incoming.runtime
     runtime.enter()
     cap = runtime.cap
     try:
         if not cap.try_enter():
             await cap.wait_turn()
         try:
-            exchange = await _prepare(request, surface, runtime)
+            exchange = _prepare(incoming, surface)
             reservation = _reserve(exchange)
             try:
                 if exchange.cache_key is None or not exchange.decision.lookup:
                     _count_cache(exchange, "bypass")
-                    return await _from_upstream(request, exchange)
-                return await _answer(request, exchange)
+                    return await _from_upstream(outlet, exchange)
+                return await _answer(outlet, exchange)
             finally:
                 if reservation is not None:
                     runtime.budget.settle(reservation, exchange.spent)
@@ -61,17 +79,18 @@ async def handle(request: web.Request, surface: Surface) -> web.StreamResponse:
         runtime.leave()
 
 
-async def _prepare(request: web.Request, surface: Surface, runtime: Runtime) -> Exchange:
-    info = request_info(request)
+def _prepare(incoming: Incoming, surface: Surface) -> Exchange:
+    info = incoming.info
+    runtime = incoming.runtime
     runtime.bucket.take()
-    raw = await request.read()
+    raw = incoming.body
     body = wire.parse_object(raw)
     requested = wire.model_of(body)
     info.requested = requested
     wire.reject_redirecting_fields(body)
     stream = surface.streams and wire.wants_stream(body)
     settings = runtime.settings
-    headers = request.headers
+    headers = incoming.headers
     narrowing = parse_narrowing(
         headers.get("X-TokenHub-Regions"), headers.get("X-TokenHub-Providers"), settings
     )
@@ -132,22 +151,22 @@ def _reserve(exchange: Exchange) -> Reservation | None:
     return runtime.budget.reserve(worst)
 
 
-async def _answer(request: web.Request, exchange: Exchange) -> web.StreamResponse:
+async def _answer(outlet: Outlet, exchange: Exchange) -> WholeResponse | None:
     """Serve from the cache, or share an identical in-flight call, or go upstream."""
     runtime = exchange.runtime
     key = exchange.cache_key
     assert key is not None
     hit = runtime.cache.get(key, exchange.scope.allows)
     if hit is not None:
-        return await _serve_hit(request, exchange, hit)
-    led: web.StreamResponse | None = None
+        return await _serve_hit(outlet, exchange, hit)
+    led: WholeResponse | None = None
     leading = False
 
     async def lead() -> CachedAnswer | None:
         nonlocal led, leading
         leading = True
         _count_cache(exchange, "miss")
-        led = await _from_upstream(request, exchange)
+        led = await _from_upstream(outlet, exchange)
         return runtime.cache.peek(key, exchange.scope.allows)
 
     try:
@@ -157,14 +176,13 @@ async def _answer(request: web.Request, exchange: Exchange) -> web.StreamRespons
             raise
         # The call we waited on failed: this request tries on its own (and gets its own line).
         _count_cache(exchange, "miss")
-        return await _from_upstream(request, exchange)
+        return await _from_upstream(outlet, exchange)
     if not shared:
-        assert led is not None
         return led
     if shared_answer is not None:
-        return await _serve_hit(request, exchange, shared_answer)
+        return await _serve_hit(outlet, exchange, shared_answer)
     _count_cache(exchange, "miss")
-    return await _from_upstream(request, exchange)
+    return await _from_upstream(outlet, exchange)
 
 
 def _count_cache(exchange: Exchange, result: str) -> None:
@@ -173,7 +191,7 @@ def _count_cache(exchange: Exchange, result: str) -> None:
     exchange.runtime.metrics.count_cache(result)
 
 
-async def _from_upstream(request: web.Request, exchange: Exchange) -> web.StreamResponse:
+async def _from_upstream(outlet: Outlet, exchange: Exchange) -> WholeResponse | None:
     runtime = exchange.runtime
     path = exchange.surface.upstream_path
     trail = exchange.trail
@@ -183,7 +201,8 @@ async def _from_upstream(request: web.Request, exchange: Exchange) -> web.Stream
                 path, exchange.plan, exchange.body, exchange.scope, trail
             )
             if isinstance(opened, OpenStream):
-                return await relay_stream(request, exchange, opened)
+                await relay_stream(outlet, exchange, opened)
+                return None
             return await _respond_answer(exchange, opened)
         answer = await runtime.relay.call(path, exchange.plan, exchange.body, exchange.scope, trail)
     except AllAttemptsFailed as exc:
@@ -198,7 +217,7 @@ async def _from_upstream(request: web.Request, exchange: Exchange) -> web.Stream
     return await _respond_answer(exchange, answer)
 
 
-async def _respond_answer(exchange: Exchange, answer: Answer) -> web.Response:
+async def _respond_answer(exchange: Exchange, answer: Answer) -> WholeResponse:
     usage = billing.usage_from_openai(answer.body.get("usage")) if answer.body else None
     if answer.passed_back:
         outcome, cost = "upstream_error", billing.ZERO
@@ -222,17 +241,10 @@ async def _respond_answer(exchange: Exchange, answer: Answer) -> web.Response:
         if answer.body is not None:
             store_answer(exchange, answer.target, answer.body)
     exchange.info.status = answer.status
-    return web.Response(
-        status=answer.status,
-        body=answer.raw,
-        headers=headers,
-        content_type=wire.mime_type(answer.content_type),
-    )
+    return WholeResponse(answer.status, headers, answer.raw, wire.mime_type(answer.content_type))
 
 
-async def _serve_hit(
-    request: web.Request, exchange: Exchange, hit: CachedAnswer
-) -> web.StreamResponse:
+async def _serve_hit(outlet: Outlet, exchange: Exchange, hit: CachedAnswer) -> WholeResponse | None:
     runtime = exchange.runtime
     _count_cache(exchange, "hit")
     target = _target_of(exchange.scope, hit)
@@ -256,16 +268,12 @@ async def _serve_hit(
     exchange.info.status = 200
     if not exchange.stream:
         headers["X-TokenHub-Cost-USD"] = "0"
-        return web.Response(
-            body=orjson.dumps(hit.body), headers=headers, content_type=wire.JSON_TYPE
-        )
-    response = web.StreamResponse(headers=headers)
-    response.content_type = wire.SSE_TYPE
-    await response.prepare(request)
-    await response.write_eof(
+        return WholeResponse(200, headers, orjson.dumps(hit.body), wire.JSON_TYPE)
+    await outlet.start_stream(headers)
+    await outlet.write_eof(
         b"".join(replay_chunks(hit.body, include_usage=wire.wants_usage(exchange.body)))
     )
-    return response
+    return None
 
 
 def _target_of(scope: Scope, hit: CachedAnswer) -> Target:

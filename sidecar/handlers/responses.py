@@ -41,9 +41,10 @@ _FINAL = frozenset({"response.completed", "response.incomplete"})
 
 
 async def handle(request: web.Request) -> web.StreamResponse:
-    body = wire.parse_object(await request.read())
+    raw = await request.read()
+    body = wire.parse_object(raw)
     if not wire.wants_stream(body):
-        return await model.handle(request, RESPONSES)
+        return await model.serve_on_aiohttp(request, RESPONSES, raw)
     runtime = request.app[LIVE].current
     runtime.enter()
     try:

@@ -6,31 +6,26 @@ import asyncio
 from typing import Any
 
 import orjson
-from aiohttp import web
 
 from .. import billing, wire
 from ..relay import OpenStream
 from ..replay import StreamAssembler
 from ..upstream import UpstreamError
+from .context import Outlet
 from .exchange import Exchange, StreamTally, record_stream_end, store_answer
 
 
-async def relay_stream(
-    request: web.Request, exchange: Exchange, stream: OpenStream
-) -> web.StreamResponse:
+async def relay_stream(outlet: Outlet, exchange: Exchange, stream: OpenStream) -> None:
     """Forward a committed stream chunk by chunk; its ledger line goes out before ``[DONE]``."""
     target = stream.target
     client_wants_usage = wire.wants_usage(exchange.body)
     assembler = StreamAssembler() if exchange.decision.store and exchange.cache_key else None
     tally = StreamTally()
-    response = web.StreamResponse(
-        headers=exchange.base_headers(target, len(stream.attempts), exchange.cache_header)
-    )
-    response.content_type = wire.SSE_TYPE
+    headers = exchange.base_headers(target, len(stream.attempts), exchange.cache_header)
     exchange.info.status = 200
     outcome = "stream_cut"
     try:
-        await response.prepare(request)
+        await outlet.start_stream(headers)
         # Events that came in one read go out in one write: one syscall, not one per event.
         batch: list[bytes] = []
         for held, held_chunk in stream.held:
@@ -39,7 +34,7 @@ async def relay_stream(
                 batch.append(out)
         while True:
             if batch and not stream.has_buffered:
-                await response.write(b"".join(batch))
+                await outlet.write(b"".join(batch))
                 batch.clear()
             try:
                 payload = await stream.next_payload()
@@ -63,14 +58,13 @@ async def relay_stream(
             if out is not None:
                 batch.append(out)
         stream.close()
-        await _finish_stream(exchange, stream, response, outcome, tally, assembler, batch)
+        await _finish_stream(exchange, stream, outlet, outcome, tally, assembler, batch)
     except (ConnectionError, asyncio.CancelledError):
         stream.close()
         if not exchange.recorded:  # a client gone after the line was written keeps that line
             stream.attempts[-1].reason = "client cancelled"
             await asyncio.shield(_record_stream(exchange, stream, "client_cancelled", tally))
         raise
-    return response
 
 
 def _outgoing(
@@ -102,7 +96,7 @@ def _outgoing(
 async def _finish_stream(
     exchange: Exchange,
     stream: OpenStream,
-    response: web.StreamResponse,
+    outlet: Outlet,
     outcome: str,
     tally: StreamTally,
     assembler: StreamAssembler | None,
@@ -118,7 +112,7 @@ async def _finish_stream(
                 store_answer(exchange, stream.target, completed)
     else:
         unsent.append(wire.STREAM_INTERRUPTED)
-    await response.write_eof(b"".join(unsent))
+    await outlet.write_eof(b"".join(unsent))
 
 
 async def _record_stream(
