@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
 from functools import partial
@@ -18,7 +19,14 @@ from .cache import ResponseCache, SingleFlight
 from .config import Settings
 from .errors import MethodNotAllowed, NotFound, RequestTooLarge, SidecarError
 from .handlers import media, model, models, operator, responses, videos
-from .handlers.context import INFO, RequestIds, RequestInfo, new_request_info
+from .handlers.context import (
+    INFO,
+    RequestIds,
+    RequestInfo,
+    WholeResponse,
+    new_request_info,
+    web_response,
+)
 from .health import HealthBook, Prober
 from .ledger import Ledger
 from .log import BatchWriter, Redactor, RequestLog, get_logger
@@ -28,7 +36,7 @@ from .relay import Relay
 from .scope import Catalog
 from .state import LIVE, Live, Runtime
 from .upstream import Upstream
-from .wire import error_body
+from .wire import JSON_TYPE, error_body
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -40,8 +48,6 @@ BUDGET = web.AppKey("budget", Budget)
 METRICS = web.AppKey("metrics", Metrics)
 SETTINGS = web.AppKey("settings", Settings)
 BACKGROUND = web.AppKey("background", set[asyncio.Task[None]])
-REQUEST_LOG = web.AppKey("request_log", RequestLog)
-REQUEST_IDS = web.AppKey("request_ids", RequestIds)
 
 
 def redactor_for(settings: Settings) -> Redactor:
@@ -173,12 +179,61 @@ async def _prober_ctx(app: web.Application) -> AsyncIterator[None]:
     yield
 
 
-def guard_for(live: Live, metrics: Metrics, request_log: RequestLog, ids: RequestIds) -> Middleware:
+@dataclass(frozen=True, slots=True)
+class Guard:
+    """The app's parts every request touches before and after its handler, whichever server
+    front read it (aiohttp's, through ``guard_for``, or the daemon's lean front)."""
+
+    live: Live
+    metrics: Metrics
+    request_log: RequestLog
+    ids: RequestIds
+
+    def admit(
+        self, path: str, headers: Mapping[str, str], content_length: int | None
+    ) -> str | None:
+        """Host, Origin, client token and body size; returns the client token's id."""
+        if path in OPEN_PATHS:
+            return None
+        server = self.live.current.settings.server
+        security.check_host(headers.get("Host"), server.allowed_hosts)
+        security.check_origin(headers.get("Origin"), server.allowed_origins)
+        token_id = security.check_client_token(headers.get("Authorization"), server.client_tokens)
+        if content_length and content_length > server.max_body_bytes:
+            raise _too_large(server.max_body_bytes)
+        return token_id
+
+    def log_line(
+        self, method: str, path: str, endpoint: str, info: RequestInfo, status: int
+    ) -> None:
+        """The request's canonical log line and its request metrics, once its answer is out."""
+        latency_ms = round((time.monotonic() - info.started) * 1000, 2)
+        self.metrics.observe_request(endpoint, info.model, info.provider, status)
+        self.request_log.write(
+            {
+                "request_id": info.request_id,
+                "method": method,
+                "path": path,
+                "model": info.model or info.requested,
+                "provider": info.provider,
+                "status": status,
+                "latency_ms": latency_ms,
+                "attempts": info.attempts,
+                "cache": info.cache,
+            }
+        )
+
+
+GUARD = web.AppKey("guard", Guard)
+
+
+def guard_for(guard: Guard) -> Middleware:
     """Request id, security checks, error rendering and the one log line per request; bound to
     the app's parts, so a request looks none of them up."""
+    live, metrics, ids = guard.live, guard.metrics, guard.ids
 
     @web.middleware
-    async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         info = new_request_info(request.headers, ids)
         request[INFO] = info
         runtime = live.current
@@ -186,33 +241,27 @@ def guard_for(live: Live, metrics: Metrics, request_log: RequestLog, ids: Reques
         in_flight = metrics.in_flight
         in_flight.inc()
         try:
-            if request.path not in OPEN_PATHS:
-                server = runtime.settings.server
-                security.check_host(request.headers.get("Host"), server.allowed_hosts)
-                security.check_origin(request.headers.get("Origin"), server.allowed_origins)
-                info.client_token_id = security.check_client_token(
-                    request.headers.get("Authorization"), server.client_tokens
-                )
-                if request.content_length and request.content_length > server.max_body_bytes:
-                    raise _too_large(server.max_body_bytes)
+            info.client_token_id = guard.admit(
+                request.path, request.headers, request.content_length
+            )
             response = _redact_error_body(await handler(request), runtime.redactor)
             return response
         except SidecarError as exc:
-            response = _error_response(exc, runtime.redactor)
+            whole = error_response(exc, runtime.redactor)
             if request.path.startswith("/v1/"):
-                response.headers.setdefault("X-TokenHub-Route", f"not routed: {exc.code}")
+                whole.headers.setdefault("X-TokenHub-Route", f"not routed: {exc.code}")
+            response = web_response(whole)
             return response
         except web.HTTPException as exc:
-            response = _error_response(
-                _from_http(exc, runtime.settings.server.max_body_bytes), runtime.redactor
-            )
+            error = _from_http(exc, runtime.settings.server.max_body_bytes)
+            response = web_response(error_response(error, runtime.redactor))
             return response
         except asyncio.CancelledError:
             info.status = 499
             raise
         except Exception as exc:
             get_logger().error("unhandled error", request_id=info.request_id, error=repr(exc))
-            response = _error_response(_internal_error(), runtime.redactor)
+            response = web_response(error_response(internal_error(), runtime.redactor))
             return response
         finally:
             in_flight.dec()
@@ -220,20 +269,23 @@ def guard_for(live: Live, metrics: Metrics, request_log: RequestLog, ids: Reques
                 response.headers.setdefault("X-Request-Id", info.request_id)
             # aiohttp sends a returned response before the loop runs the next callback, so the
             # log line and request metrics come after the answer's last byte, not before it.
-            runtime.loop.call_soon(_log_line, request, info, response, metrics, request_log)
+            runtime.loop.call_soon(_log_line, guard, request, info, response)
 
-    return guard
+    return middleware
+
+
+def redact_body(body: bytes, redactor: Redactor) -> bytes:
+    """An upstream 4xx passed back as it came may echo our key (``Incorrect API key: sk-...``)."""
+    text = body.decode("utf-8", "replace")
+    clean = redactor(text)
+    return body if clean == text else clean.encode()
 
 
 def _redact_error_body(response: web.StreamResponse, redactor: Redactor) -> web.StreamResponse:
-    """An upstream 4xx passed back as it came may echo our key (``Incorrect API key: sk-...``)."""
     if response.status < 400 or not isinstance(response, web.Response):
         return response
     if isinstance(response.body, bytes):
-        text = response.body.decode("utf-8", "replace")
-        clean = redactor(text)
-        if clean != text:
-            response.body = clean.encode()
+        response.body = redact_body(response.body, redactor)
     return response
 
 
@@ -260,7 +312,7 @@ def _from_http(exc: web.HTTPException, limit: int) -> SidecarError:
     return error
 
 
-def _internal_error() -> SidecarError:
+def internal_error() -> SidecarError:
     error = SidecarError(
         "The sidecar hit an internal error; the details are in its log. Retry the request."
     )
@@ -268,46 +320,23 @@ def _internal_error() -> SidecarError:
     return error
 
 
-def _error_response(exc: SidecarError, redactor: Redactor) -> web.Response:
-    response = web.Response(
-        status=exc.status,
-        body=error_body(redactor(exc.message), type=exc.type, code=exc.code, param=exc.param),
-        content_type="application/json",
-    )
-    response.headers.update(exc.headers)
-    return response
+def error_response(exc: SidecarError, redactor: Redactor) -> WholeResponse:
+    body = error_body(redactor(exc.message), type=exc.type, code=exc.code, param=exc.param)
+    return WholeResponse(exc.status, dict(exc.headers), body, JSON_TYPE)
 
 
 def _log_line(
-    request: web.Request,
-    info: RequestInfo,
-    response: web.StreamResponse | None,
-    metrics: Metrics,
-    request_log: RequestLog,
+    guard: Guard, request: web.Request, info: RequestInfo, response: web.StreamResponse | None
 ) -> None:
     status = info.status or (response.status if response is not None else 499)
-    latency_ms = round((time.monotonic() - info.started) * 1000, 2)
     # Labels stay bounded: the matched route, not the raw path; a resolved model, not any string.
     resource = request.match_info.route.resource
     endpoint = resource.canonical if resource is not None else "unmatched"
-    metrics.observe_request(endpoint, info.model, info.provider, status)
-    request_log.write(
-        {
-            "request_id": info.request_id,
-            "method": request.method,
-            "path": request.path,
-            "model": info.model or info.requested,
-            "provider": info.provider,
-            "status": status,
-            "latency_ms": latency_ms,
-            "attempts": info.attempts,
-            "cache": info.cache,
-        }
-    )
+    guard.log_line(request.method, request.path, endpoint, info, status)
 
 
 async def _close_request_log(app: web.Application) -> None:
-    request_log = app[REQUEST_LOG]
+    request_log = app[GUARD].request_log
     request_log.flush()  # on the loop, which owns the flush timer
     await asyncio.to_thread(request_log.close)  # waits for the writer thread
 
@@ -329,8 +358,9 @@ def create_app(
         redactor=redactor_for(settings),
         writer=log_writer,
     )
+    guard = Guard(live, metrics, request_log, ids)
     app = web.Application(
-        middlewares=[guard_for(live, metrics, request_log, ids)],
+        middlewares=[guard_for(guard)],
         client_max_size=settings.server.max_body_bytes,
         handler_args={"max_field_size": 16384, "max_line_size": 16384},
     )
@@ -344,8 +374,7 @@ def create_app(
     app[BUDGET] = Budget(settings.budget)
     app[BACKGROUND] = set()
     app[LIVE] = live
-    app[REQUEST_IDS] = ids
-    app[REQUEST_LOG] = request_log
+    app[GUARD] = guard
     app.on_cleanup.append(_close_request_log)
     app.cleanup_ctx.extend([_ledger_ctx, _runtime_ctx, _prober_ctx])
     app.router.add_routes(
