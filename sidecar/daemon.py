@@ -14,18 +14,16 @@ import socket
 import stat
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from aiohttp import web
-from aiohttp.web_protocol import RequestHandler
 
 from . import config, systemd
 from .app import LEDGER, create_app, swap_runtime
 from .config import ConfigError, Settings, parse_listen
+from .front import DaemonRunner
 from .ledger import LedgerLocked
 from .ledger_scan import LedgerFormatError
 from .log import BatchWriter, get_logger
-from .sweep import DeadlineSweep
 
 Announce = Callable[[str], None]
 
@@ -44,86 +42,6 @@ def _settle_heap() -> None:
 
 class StartupError(Exception):
     """A one-line reason the daemon could not start."""
-
-
-class _HeadDeadline(RequestHandler):
-    """A connection that must deliver each request head within ``header_timeout_s``.
-
-    aiohttp has no header-read timeout, so a client dribbling header bytes (slowloris) could hold
-    a connection forever. The clock starts when the connection opens and again when the first
-    byte of a later request arrives; it stops once aiohttp has parsed a whole head. The server
-    sweeps its connections now and then instead of keeping a timer per request.
-    """
-
-    def __init__(self, manager: _HeadDeadlineServer, **kwargs: Any) -> None:
-        super().__init__(manager, **kwargs)
-        self._deadlines = manager.deadlines
-        self._header_timeout_s = manager.header_timeout_s
-        self.head_since: float | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        self.head_since = self._loop.time()
-        self._deadlines.watch(self)
-
-    def data_received(self, data: bytes) -> None:
-        super().data_received(data)
-        if self._serving():
-            self.head_since = None
-        elif self.head_since is None:
-            self.head_since = self._loop.time()
-
-    def connection_lost(self, exc: BaseException | None) -> None:
-        self._deadlines.forget(self)
-        super().connection_lost(exc)
-
-    def _serving(self) -> bool:
-        # A parsed head waits in the queue, or its request is being handled (body included).
-        return bool(self._messages) or self._request_in_progress
-
-    def expire(self) -> None:
-        if self._serving() or self.transport is None:
-            return
-        get_logger().warning(
-            "connection closed: request head not received in time",
-            peer=str(self.peername),
-            header_timeout_s=self._header_timeout_s,
-        )
-        self.force_close()
-        self.transport.close()
-
-
-class _HeadDeadlineServer(web.Server):
-    def __init__(self, base: web.Server, header_timeout_s: float) -> None:
-        super().__init__(
-            base.request_handler,
-            request_factory=base.request_factory,
-            handler_cancellation=base.handler_cancellation,
-            loop=base._loop,
-            **base._kwargs,
-        )
-        self.header_timeout_s = header_timeout_s
-        self.deadlines: DeadlineSweep[_HeadDeadline] = DeadlineSweep(
-            header_timeout_s, since=_head_since, expire=_HeadDeadline.expire, clock=self._loop.time
-        )
-
-    def __call__(self) -> RequestHandler:
-        return _HeadDeadline(self, loop=self._loop, **self._kwargs)
-
-
-def _head_since(handler: _HeadDeadline) -> float | None:
-    return handler.head_since
-
-
-class DaemonRunner(web.AppRunner):
-    """The app runner with a request-head deadline on every connection."""
-
-    def __init__(self, app: web.Application, *, header_timeout_s: float, **kwargs: Any) -> None:
-        super().__init__(app, **kwargs)
-        self._header_timeout_s = header_timeout_s
-
-    async def _make_server(self) -> web.Server:
-        return _HeadDeadlineServer(await super()._make_server(), self._header_timeout_s)
 
 
 async def _site(runner: web.AppRunner, settings: Settings) -> web.BaseSite:

@@ -15,6 +15,7 @@ from aiohttp import web
 from sidecar import config
 from sidecar.app import create_app
 from sidecar.config import Settings
+from sidecar.front import DaemonRunner
 from sidecar.state import LIVE, Runtime
 
 from .fakes import FakeUpstream
@@ -86,12 +87,18 @@ class RunningSidecar:
 
 @pytest.fixture
 async def start_sidecar() -> AsyncIterator[Callable[[Settings], Awaitable[RunningSidecar]]]:
-    """Start the real app (the daemon's runner settings) on 127.0.0.1, port 0."""
+    """Start the real app on 127.0.0.1, port 0, with the daemon's runner (so its lean front)."""
     started: list[RunningSidecar] = []
 
     async def start(settings: Settings, **app_options: Any) -> RunningSidecar:
         app = create_app(settings, **app_options)
-        runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=5)
+        runner = DaemonRunner(
+            app,
+            header_timeout_s=settings.server.header_timeout_s,
+            handler_cancellation=True,
+            access_log=None,
+            shutdown_timeout=5,
+        )
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()

@@ -18,7 +18,7 @@ from aiohttp import web
 from sidecar import config
 from sidecar.app import create_app
 from sidecar.config import ConfigError
-from sidecar.daemon import DaemonRunner
+from sidecar.front import DaemonRunner
 
 from .conftest import TEST_KEY, provider
 from .fakes import FakeUpstream, status

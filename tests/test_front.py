@@ -1,0 +1,316 @@
+"""The daemon's lean front: what it serves itself, what it hands to aiohttp, and the wire rules
+both keep (keep-alive, pipelining, close, drain). aiohttp's answers carry its ``Server`` header
+and the lean front's do not, which is how these tests tell who answered."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import orjson
+import pytest
+
+from sidecar.app import create_app
+from sidecar.front import DaemonRunner, head_bytes, parse_head
+
+from .conftest import provider
+from .fakes import ok
+
+CHAT = {"model": "deepseek-v3.2", "messages": [{"role": "user", "content": "Hi"}]}
+
+
+def post(
+    path: str = "/v1/chat/completions",
+    body: dict[str, Any] | None = None,
+    *,
+    extra: str = "",
+    version: str = "HTTP/1.1",
+) -> bytes:
+    data = orjson.dumps(body if body is not None else CHAT)
+    return (
+        f"POST {path} {version}\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(data)}\r\n{extra}\r\n"
+    ).encode() + data
+
+
+class Answer:
+    def __init__(self, status: int, headers: dict[str, str], body: bytes) -> None:
+        self.status, self.headers, self.body = status, headers, body
+
+    @property
+    def lean(self) -> bool:
+        return "server" not in self.headers
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+async def read_answer(reader: asyncio.StreamReader) -> Answer:
+    """One HTTP/1.1 response off the wire: a Content-Length body or a chunked one."""
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    lines = head.decode().split("\r\n")
+    status = int(lines[0].split(" ")[1])
+    headers = {}
+    for line in lines[1:]:
+        if line:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+    if headers.get("transfer-encoding") == "chunked":
+        body = b""
+        while True:
+            size = int((await reader.readuntil(b"\r\n"))[:-2], 16)
+            chunk = await reader.readexactly(size + 2)
+            if size == 0:
+                break
+            body += chunk[:-2]
+    else:
+        body = await reader.readexactly(int(headers.get("content-length", "0")))
+    return Answer(status, headers, body)
+
+
+def sse_text(body: bytes) -> str:
+    """The content a chat stream's events carry, joined."""
+    text = ""
+    for event in body.split(b"\n\n"):
+        if event.startswith(b"data: {"):
+            for choice in json.loads(event[6:])["choices"]:
+                text += choice["delta"].get("content") or ""
+    return text
+
+
+@pytest.fixture
+async def alpha(start_sidecar, make_settings, fake_upstream):
+    fake = await fake_upstream()
+    sidecar = await start_sidecar(make_settings([provider("alpha", fake.url)]))
+    return fake, sidecar
+
+
+async def connect(sidecar: Any) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    return await asyncio.open_connection("127.0.0.1", sidecar.port)
+
+
+async def test_model_requests_are_served_by_the_lean_front(alpha):
+    fake, sidecar = alpha
+    fake.script(ok(content="whole"), ok(content="in parts"))
+    client = sidecar.client()
+    raw = await client.chat.completions.with_raw_response.create(**CHAT)
+    assert raw.parse().choices[0].message.content == "whole"
+    assert "server" not in raw.headers
+    assert raw.headers["content-type"] == "application/json"
+    assert raw.headers["date"].endswith("GMT")
+    async with client.chat.completions.with_streaming_response.create(
+        **CHAT, stream=True
+    ) as streamed:
+        assert "server" not in streamed.headers
+        assert streamed.headers["content-type"] == "text/event-stream"
+        text = "".join(
+            [c.choices[0].delta.content or "" async for c in await streamed.parse() if c.choices]
+        )
+    assert text == "in parts"
+    lines = sidecar.ledger_lines()
+    assert [(line["stream"], line["outcome"]) for line in lines] == [(False, "ok"), (True, "ok")]
+
+
+async def test_pipelined_requests_are_answered_in_order_on_one_connection(alpha):
+    fake, sidecar = alpha
+    fake.script(ok(content="first"), ok(content="second part"), ok(content="third"))
+    reader, writer = await connect(sidecar)
+    second = post(body={**CHAT, "stream": True}, extra="X-Request-Id: req-2\r\n")
+    writer.write(
+        post(extra="X-Request-Id: req-1\r\n") + second + post(extra="X-Request-Id: r3\r\n")
+    )
+    answers = [await read_answer(reader) for _ in range(3)]
+    writer.close()
+    assert [a.headers["x-request-id"] for a in answers] == ["req-1", "req-2", "r3"]
+    assert all(a.status == 200 and a.lean for a in answers)
+    assert answers[0].json()["choices"][0]["message"]["content"] == "first"
+    assert sse_text(answers[1].body) == "second part"
+    assert answers[1].body.endswith(b"data: [DONE]\n\n")
+    assert answers[2].json()["choices"][0]["message"]["content"] == "third"
+
+
+async def test_a_request_dribbled_byte_by_byte_is_served(alpha):
+    fake, sidecar = alpha
+    fake.script(ok(content="slowly"))
+    reader, writer = await connect(sidecar)
+    for byte in post():
+        writer.write(bytes([byte]))
+        await writer.drain()
+    answer = await read_answer(reader)
+    writer.close()
+    assert answer.status == 200 and answer.lean
+    assert answer.json()["choices"][0]["message"]["content"] == "slowly"
+
+
+async def test_other_requests_hand_the_connection_to_aiohttp(alpha):
+    fake, sidecar = alpha
+    fake.script(ok(content="after the hand-over"))
+    reader, writer = await connect(sidecar)
+    writer.write(b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    models = await read_answer(reader)
+    writer.write(post())
+    chat = await read_answer(reader)
+    writer.close()
+    assert models.status == 200 and not models.lean
+    assert "deepseek-v3.2" in {m["id"] for m in models.json()["data"]}
+    # Same connection, now aiohttp's: the chat route there answers the same way.
+    assert chat.status == 200 and not chat.lean
+    assert chat.json()["choices"][0]["message"]["content"] == "after the hand-over"
+    assert chat.headers["x-tokenhub-provider"] == "alpha"
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        pytest.param(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n"
+            + b"%x\r\n%b\r\n0\r\n\r\n"
+            % (len(orjson.dumps(CHAT)), orjson.dumps(CHAT)),
+            id="chunked body",
+        ),
+        pytest.param(post(extra="Expect: 100-continue\r\n"), id="expect"),
+        pytest.param(post("/v1/chat/completions?trace=1"), id="query string"),
+        pytest.param(post(version="HTTP/1.0"), id="http/1.0"),
+        pytest.param(post(extra="X-Odd:\x01value\r\n"), id="control character"),
+    ],
+)
+async def test_unusual_requests_are_served_by_aiohttp(alpha, request_bytes):
+    fake, sidecar = alpha
+    fake.script(ok(content="handled"))
+    reader, writer = await connect(sidecar)
+    writer.write(request_bytes)
+    if b"Expect" in request_bytes:
+        assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 100")
+    answer = await read_answer(reader)
+    writer.close()
+    assert not answer.lean
+    if b"\x01" in request_bytes:
+        assert answer.status == 400  # aiohttp's parser refuses it, as it always did
+    else:
+        assert answer.status == 200
+        assert answer.json()["choices"][0]["message"]["content"] == "handled"
+
+
+async def test_a_body_over_the_limit_is_refused_with_the_openai_error_shape(
+    start_sidecar, make_settings, fake_upstream
+):
+    fake = await fake_upstream()
+    sidecar = await start_sidecar(
+        make_settings([provider("alpha", fake.url)], server={"max_body_bytes": 1024})
+    )
+    reader, writer = await connect(sidecar)
+    big = {**CHAT, "messages": [{"role": "user", "content": "x" * 2000}]}
+    writer.write(post(body=big))
+    answer = await read_answer(reader)
+    writer.close()
+    assert answer.status == 413
+    assert answer.json()["error"]["code"] == "request_too_large"
+    assert fake.requests == []
+
+
+async def test_refusals_on_the_lean_front_keep_the_error_shape_and_the_connection(
+    start_sidecar, make_settings, fake_upstream
+):
+    fake = await fake_upstream()
+    fake.script(ok(content="allowed"))
+    settings = make_settings(
+        [provider("alpha", fake.url)], server={"client_tokens": ["sk-the-right-token-123456"]}
+    )
+    sidecar = await start_sidecar(settings)
+    reader, writer = await connect(sidecar)
+    writer.write(post(extra="Authorization: Bearer sk-a-wrong-token-1234567\r\n"))
+    refused = await read_answer(reader)
+    writer.write(post(extra="Authorization: Bearer sk-the-right-token-123456\r\n"))
+    served = await read_answer(reader)
+    writer.close()
+    assert refused.status == 401 and refused.lean
+    assert refused.json()["error"]["type"] == "authentication_error"
+    assert refused.headers["x-request-id"]
+    assert refused.headers["x-tokenhub-route"].startswith("not routed:")
+    assert b"sk-a-wrong" not in refused.body
+    assert served.status == 200 and served.lean
+
+
+async def test_connection_close_is_honoured(alpha):
+    fake, sidecar = alpha
+    fake.script(ok(content="bye"))
+    reader, writer = await connect(sidecar)
+    writer.write(post(extra="Connection: close\r\n"))
+    answer = await read_answer(reader)
+    assert answer.headers["connection"] == "close"
+    assert await asyncio.wait_for(reader.read(), 5) == b""
+    writer.close()
+
+
+async def test_an_idle_connection_closes_but_a_long_stream_is_not_cut(
+    make_settings, fake_upstream, tmp_path
+):
+    fake = await fake_upstream()
+    fake.script(ok(content="a b c d e f", chunk_delay_s=0.15), ok(content="idle next"))
+    settings = make_settings([provider("alpha", fake.url)])
+    runner = DaemonRunner(create_app(settings), header_timeout_s=5, keepalive_timeout=0.4)
+    await runner.setup()
+    try:
+        from aiohttp import web
+
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(post(body={**CHAT, "stream": True}))
+        streamed = await read_answer(reader)  # about 1 s: longer than the keep-alive timeout
+        assert streamed.lean and sse_text(streamed.body) == "a b c d e f"
+        writer.write(post())
+        second = await read_answer(reader)
+        assert second.status == 200
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # idle past 0.4 s: closed
+        writer.close()
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_stream_in_flight_finishes_when_the_server_drains(alpha):
+    fake, sidecar = alpha
+    fake.script(ok(content="one two three", chunk_delay_s=0.2))
+    reader, writer = await connect(sidecar)
+    writer.write(post(body={**CHAT, "stream": True}))
+    await reader.readuntil(b"\r\n\r\n")
+    cleanup = asyncio.ensure_future(sidecar.runner.cleanup())
+    rest = await asyncio.wait_for(reader.read(), 10)
+    await cleanup
+    writer.close()
+    assert rest.endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n")
+    assert [line["outcome"] for line in sidecar.ledger_lines()] == ["ok"]
+
+
+def test_parse_head_takes_only_plain_requests():
+    def parse(head: bytes) -> Any:
+        buffer = bytearray(head + b"\r\n\r\n")
+        return parse_head(buffer, len(head), 1000)
+
+    plain = b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Length: 12\r\nX-A:  b c \t"
+    head = parse(plain)
+    assert head is not None and head.surface.endpoint == "/v1/embeddings"
+    assert head.headers["x-a"] == "b c" and head.end == len(plain) + 4 + 12
+    assert head.keep_alive
+    assert not parse(plain + b"\r\nConnection: close").keep_alive
+    for refused in (
+        b"\r\nContent-Length: 12",  # twice
+        b"\r\nTransfer-Encoding: chunked",
+        b"\r\nUpgrade: h2c",
+        b"\r\nBad Name: x",
+        b"\r\n folded",
+        b"\r\nX-B: a\rb",
+    ):
+        assert parse(plain + refused) is None, refused
+    assert parse(plain.replace(b"12", b"1001")) is None  # over the limit: aiohttp answers 413
+    assert parse(plain.replace(b"12", b"+12")) is None
+    assert parse(plain.replace(b"POST", b"GET")) is None
+
+
+def test_a_header_value_with_a_line_break_is_never_sent():
+    head = head_bytes(200, {"X-Good": "fine", "X-Bad": "a\r\nSet-Cookie: x"}, "\r\n")
+    assert head == b"HTTP/1.1 200 OK\r\nX-Good: fine\r\n\r\n"
+    assert head_bytes(529, {}, "\r\n").startswith(b"HTTP/1.1 529 \r\n")
