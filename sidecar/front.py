@@ -53,8 +53,10 @@ PIPELINE_BUFFER = 1 << 20
 # Header lines as RFC 9110 has them: a token, a colon, a value of visible characters, spaces
 # and tabs (and obs-text, which arrives surrogate-escaped). Anything else goes to aiohttp.
 _FIELDS = re.compile(r"(?:\r\n[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t\x20-\x7e\x80-\U0010ffff]*)*")
+# One header line of a block ``_FIELDS`` took: its name and its value without the spaces around.
+_FIELD = re.compile(r"\r\n([^:]+):[ \t]*(.*?)[ \t]*(?=\r\n|\Z)")
 _STATUS_LINES = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n" for s in HTTPStatus}
-_REFUSED = frozenset({"transfer-encoding", "expect", "upgrade"})
+_REFUSED = ("Transfer-Encoding", "Expect", "Upgrade")
 _LAST_CHUNK = b"0\r\n\r\n"
 
 
@@ -78,29 +80,27 @@ def parse_head(buffer: bytearray, head_end: int, max_body: int) -> Head | None:
     block = buffer[line_end:head_end].decode("utf-8", "surrogateescape")
     if _FIELDS.fullmatch(block) is None:
         return None
-    pairs: list[tuple[str, str]] = []
-    length: int | None = None
-    keep_alive = True
-    for line in block[2:].split("\r\n"):
-        name, _, value = line.partition(":")
-        value = value.strip(" \t")
-        pairs.append((name, value))
-        lower = name.lower()
-        if lower == "content-length":
-            if length is not None or not value.isdigit() or len(value) > 15:
-                return None
-            length = int(value)
-        elif lower == "connection":
-            tokens = value.lower()
-            if "upgrade" in tokens:
-                return None
-            keep_alive = "close" not in tokens
-        elif lower in _REFUSED:
-            return None
-    if length is None or length > max_body:
+    headers = CIMultiDict(_FIELD.findall(block))
+    lengths = headers.getall("Content-Length", ())
+    if len(lengths) != 1 or not _digits(lengths[0]):
         return None
+    length = int(lengths[0])
+    if length > max_body or any(name in headers for name in _REFUSED):
+        return None
+    keep_alive = True
+    connection = headers.get("Connection")
+    if connection is not None:
+        tokens = connection.lower()
+        if "upgrade" in tokens:
+            return None
+        keep_alive = "close" not in tokens
     body_start = head_end + 4
-    return Head(surface, CIMultiDict(pairs), body_start, body_start + length, keep_alive)
+    return Head(surface, headers, body_start, body_start + length, keep_alive)
+
+
+def _digits(value: str) -> bool:
+    """ASCII digits only (``str.isdigit`` also takes ``²``, which ``int`` refuses), at most 15."""
+    return value.isascii() and value.isdigit() and len(value) <= 15
 
 
 def _may_be_lean(buffer: bytearray) -> bool:
@@ -131,12 +131,17 @@ class HttpDate:
 
 def head_bytes(status: int, headers: dict[str, str], tail: str) -> bytes:
     """A response head; a header value with a line break is dropped, never sent."""
-    lines = [_STATUS_LINES.get(status) or f"HTTP/1.1 {status} \r\n"]
-    for name, value in headers.items():
-        if "\n" not in value and "\r" not in value:
-            lines.append(f"{name}: {value}\r\n")
-    lines.append(tail)
-    return "".join(lines).encode("utf-8", "surrogateescape")
+    fields = "".join([f"{name}: {value}\r\n" for name, value in headers.items()])
+    if fields.count("\n") != len(headers) or fields.count("\r") != len(headers):
+        fields = "".join(
+            [f"{name}: {value}\r\n" for name, value in headers.items() if _one_line(value)]
+        )
+    status_line = _STATUS_LINES.get(status) or f"HTTP/1.1 {status} \r\n"
+    return f"{status_line}{fields}{tail}".encode("utf-8", "surrogateescape")
+
+
+def _one_line(value: str) -> bool:
+    return "\n" not in value and "\r" not in value
 
 
 class Connection(RequestHandler):

@@ -307,6 +307,7 @@ def test_parse_head_takes_only_plain_requests():
         assert parse(plain + refused) is None, refused
     assert parse(plain.replace(b"12", b"1001")) is None  # over the limit: aiohttp answers 413
     assert parse(plain.replace(b"12", b"+12")) is None
+    assert parse(plain.replace(b"12", "1\u00b2".encode())) is None  # int() refuses it
     assert parse(plain.replace(b"POST", b"GET")) is None
 
 
