@@ -3,12 +3,13 @@
 aiohttp's server costs about 0.2 ms of CPU per request here (its request and response objects,
 router, middleware chain and writer), which is most of what the sidecar adds to a request at one
 connection. So a connection first serves plain ``POST /v1/chat/completions``,
-``/v1/completions`` and ``/v1/embeddings`` requests itself: it parses the head, takes a
-``Content-Length`` body, runs the app's ``Guard`` and ``model.serve`` and writes the answer to
-the socket. Anything else, or anything unusual (another path or method, a query string, a chunked
-or ``Expect`` body, an upgrade, HTTP/1.0, a header line it does not take, a body over
-``max_body_bytes``), is handed with the bytes received so far to aiohttp's ``RequestHandler``,
-which this class also is, and aiohttp serves the rest of that connection as before.
+``/v1/completions``, ``/v1/embeddings`` and ``/v1/responses`` requests itself: it parses the
+head, takes a ``Content-Length`` body, runs the app's ``Guard`` and the handler's ``serve`` and
+writes the answer to the socket. Anything else, or anything unusual (another path or method, a
+query string, a chunked or ``Expect`` body, an upgrade, HTTP/1.0, a header line it does not
+take, a body over ``max_body_bytes``), is handed with the bytes received so far to aiohttp's
+``RequestHandler``, which this class also is, and aiohttp serves the rest of that connection as
+before.
 
 Every connection must also deliver each request head within ``header_timeout_s``: aiohttp has
 no header-read timeout, so a client dribbling header bytes (slowloris) could hold a connection
@@ -24,6 +25,7 @@ import re
 import time
 from dataclasses import dataclass
 from email.utils import formatdate
+from functools import partial
 from http import HTTPStatus
 from typing import Any
 
@@ -33,18 +35,30 @@ from multidict import CIMultiDict
 
 from .app import GUARD, Guard, error_response, internal_error, redact_body
 from .errors import SidecarError
-from .handlers import model
-from .handlers.context import Incoming, WholeResponse, new_request_info
+from .handlers import model, responses
+from .handlers.context import Incoming, Serve, WholeResponse, new_request_info
 from .handlers.exchange import Surface
 from .log import get_logger
 from .sweep import DeadlineSweep
 from .wire import SSE_TYPE
 
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    endpoint: str
+    serve: Serve
+
+
+def _model_route(surface: Surface) -> Route:
+    return Route(surface.endpoint, partial(model.serve, surface=surface))
+
+
 # The request lines served here, whole: anything else goes to aiohttp.
-HOT_LINES: dict[bytes, Surface] = {
-    b"POST /v1/chat/completions HTTP/1.1": model.CHAT,
-    b"POST /v1/completions HTTP/1.1": model.COMPLETIONS,
-    b"POST /v1/embeddings HTTP/1.1": model.EMBEDDINGS,
+HOT_LINES: dict[bytes, Route] = {
+    b"POST /v1/chat/completions HTTP/1.1": _model_route(model.CHAT),
+    b"POST /v1/completions HTTP/1.1": _model_route(model.COMPLETIONS),
+    b"POST /v1/embeddings HTTP/1.1": _model_route(model.EMBEDDINGS),
+    b"POST /v1/responses HTTP/1.1": Route(responses.RESPONSES.endpoint, responses.serve),
 }
 # A longer head goes to aiohttp, whose limits (16 KiB a line) answer it.
 MAX_HEAD = 16384
@@ -64,7 +78,7 @@ _LAST_CHUNK = b"0\r\n\r\n"
 class Head:
     """A request head the lean front serves."""
 
-    surface: Surface
+    route: Route
     headers: CIMultiDict[str]
     body_start: int
     end: int
@@ -74,8 +88,8 @@ class Head:
 def parse_head(buffer: bytearray, head_end: int, max_body: int) -> Head | None:
     """The head ending at ``head_end`` (its blank line), or None: hand the connection to aiohttp."""
     line_end = buffer.find(b"\r\n")
-    surface = HOT_LINES.get(bytes(buffer[:line_end]))
-    if surface is None:
+    route = HOT_LINES.get(bytes(buffer[:line_end]))
+    if route is None:
         return None
     block = buffer[line_end:head_end].decode("utf-8", "surrogateescape")
     if _FIELDS.fullmatch(block) is None:
@@ -95,7 +109,7 @@ def parse_head(buffer: bytearray, head_end: int, max_body: int) -> Head | None:
             return None
         keep_alive = "close" not in tokens
     body_start = head_end + 4
-    return Head(surface, headers, body_start, body_start + length, keep_alive)
+    return Head(route, headers, body_start, body_start + length, keep_alive)
 
 
 def _digits(value: str) -> bool:
@@ -288,12 +302,11 @@ class Connection(RequestHandler):
         self._head_sent = False
         self._keep_alive = keep_alive = head.keep_alive
         whole: WholeResponse | None = None
-        surface = head.surface
+        endpoint = head.route.endpoint
         try:
             try:
-                info.client_token_id = guard.admit(surface.endpoint, headers, None)
-                incoming = Incoming(headers, body, info, runtime)
-                whole = await model.serve(incoming, surface, self)
+                info.client_token_id = guard.admit(endpoint, headers, None)
+                whole = await head.route.serve(Incoming(headers, body, info, runtime), self)
             except SidecarError as exc:
                 whole = error_response(exc, runtime.redactor)
                 whole.headers.setdefault("X-TokenHub-Route", f"not routed: {exc.code}")
@@ -316,9 +329,7 @@ class Connection(RequestHandler):
         finally:
             in_flight.dec()
             status = info.status or (whole.status if whole is not None else 499)
-            runtime.loop.call_soon(
-                guard.log_line, "POST", surface.endpoint, surface.endpoint, info, status
-            )
+            runtime.loop.call_soon(guard.log_line, "POST", endpoint, endpoint, info, status)
             self._task = None
             self._request_done(keep_alive)
 

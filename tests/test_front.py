@@ -15,7 +15,8 @@ from sidecar.app import create_app
 from sidecar.front import DaemonRunner, head_bytes, parse_head
 
 from .conftest import provider
-from .fakes import ok
+from .fakes import ok, sse, status
+from .test_responses import MODELS, response_body, stream_events
 
 CHAT = {"model": "deepseek-v3.2", "messages": [{"role": "user", "content": "Hi"}]}
 
@@ -110,6 +111,33 @@ async def test_model_requests_are_served_by_the_lean_front(alpha):
     assert text == "in parts"
     lines = sidecar.ledger_lines()
     assert [(line["stream"], line["outcome"]) for line in lines] == [(False, "ok"), (True, "ok")]
+
+
+async def test_responses_calls_are_served_by_the_lean_front(
+    start_sidecar, make_settings, fake_upstream
+):
+    fake = await fake_upstream()
+    fake.script(
+        status(200, body=response_body("whole")), sse(*stream_events(["in ", "parts"]), done=False)
+    )
+    sidecar = await start_sidecar(make_settings([provider("alpha", fake.url, models=MODELS)]))
+    client = sidecar.client()
+    raw = await client.responses.with_raw_response.create(model="gpt-4o-mini", input="hi")
+    assert raw.parse().output_text == "whole"
+    assert "server" not in raw.headers
+    async with client.responses.with_streaming_response.create(
+        model="gpt-4o-mini", input="hi", stream=True
+    ) as streamed:
+        assert "server" not in streamed.headers
+        events = [event async for event in await streamed.parse()]
+    deltas = [e.delta for e in events if e.type == "response.output_text.delta"]
+    assert deltas == ["in ", "parts"]
+    assert events[-1].type == "response.completed"
+    lines = sidecar.ledger_lines()
+    assert [(line["endpoint"], line["stream"], line["outcome"]) for line in lines] == [
+        ("/v1/responses", False, "ok"),
+        ("/v1/responses", True, "ok"),
+    ]
 
 
 async def test_pipelined_requests_are_answered_in_order_on_one_connection(alpha):
@@ -292,7 +320,7 @@ def test_parse_head_takes_only_plain_requests():
 
     plain = b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Length: 12\r\nX-A:  b c \t"
     head = parse(plain)
-    assert head is not None and head.surface.endpoint == "/v1/embeddings"
+    assert head is not None and head.route.endpoint == "/v1/embeddings"
     assert head.headers["x-a"] == "b c" and head.end == len(plain) + 4 + 12
     assert head.keep_alive
     assert not parse(plain + b"\r\nConnection: close").keep_alive

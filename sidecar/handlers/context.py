@@ -6,14 +6,14 @@ import itertools
 import os
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from aiohttp import web
 
 from .. import wire
-from ..state import Runtime
+from ..state import LIVE, Runtime
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
@@ -108,6 +108,22 @@ class WebOutlet:
     async def write_eof(self, data: bytes) -> None:
         assert self.response is not None
         await self.response.write_eof(data)
+
+
+Serve = Callable[[Incoming, Outlet], Awaitable[WholeResponse | None]]
+
+
+async def on_aiohttp(request: web.Request, serve: Serve) -> web.StreamResponse:
+    """Serve a request that aiohttp read: its body in full, then aiohttp's response."""
+    outlet = WebOutlet(request)
+    incoming = Incoming(
+        request.headers, await request.read(), request_info(request), request.app[LIVE].current
+    )
+    whole = await serve(incoming, outlet)
+    if whole is not None:
+        return web_response(whole)
+    assert outlet.response is not None
+    return outlet.response
 
 
 def web_response(whole: WholeResponse) -> web.Response:

@@ -23,6 +23,7 @@ from ..scope import Target
 from ..state import LIVE, Runtime
 from ..upstream import Upstream, UpstreamError
 from . import passthrough
+from .context import WholeResponse, web_response
 from .exchange import CHARS_PER_TOKEN, Exchange, Surface, record, record_unanswered
 from .passthrough import CHUNK_BYTES, Reply, Spool
 
@@ -198,6 +199,11 @@ async def walk_recorded(
 
 async def respond_reply(exchange: Exchange, reply: Reply, meter: Metering) -> web.Response:
     """Record the answer's ledger line, then send it with the sidecar's headers."""
+    return web_response(await whole_reply(exchange, reply, meter))
+
+
+async def whole_reply(exchange: Exchange, reply: Reply, meter: Metering) -> WholeResponse:
+    """``respond_reply`` for a request whichever front read it."""
     target = reply.target
     if reply.passed_back:
         usage, source, cost, outcome = Usage(), "none", billing.ZERO, "upstream_error"
@@ -212,12 +218,7 @@ async def respond_reply(exchange: Exchange, reply: Reply, meter: Metering) -> we
     if not reply.passed_back:
         headers["X-TokenHub-Cost-USD"] = total_usd
     exchange.info.status = reply.status
-    return web.Response(
-        status=reply.status,
-        body=reply.raw,
-        headers=headers,
-        content_type=reply.content_type.split(";", 1)[0].strip() or wire.JSON_TYPE,
-    )
+    return WholeResponse(reply.status, headers, reply.raw, wire.mime_type(reply.content_type))
 
 
 def _token_usage(body: dict[str, Any] | None) -> Usage | None:

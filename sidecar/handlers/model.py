@@ -6,6 +6,7 @@ Each request reads like a recipe: parse -> scope -> limits -> cache -> relay -> 
 from __future__ import annotations
 
 import asyncio
+from functools import partial
 
 import orjson
 from aiohttp import web
@@ -18,8 +19,7 @@ from ..errors import SidecarError
 from ..relay import AllAttemptsFailed, Answer, OpenStream
 from ..replay import replay_chunks
 from ..scope import Scope, Target, parse_narrowing
-from ..state import LIVE
-from .context import Incoming, Outlet, WebOutlet, WholeResponse, request_info, web_response
+from .context import Incoming, Outlet, WholeResponse, on_aiohttp
 from .exchange import (
     BYTES_PER_TOKEN,
     CHAT,
@@ -34,27 +34,15 @@ from .exchange import (
 )
 from .streaming import relay_stream
 
-__all__ = ["CHAT", "COMPLETIONS", "EMBEDDINGS", "handle", "serve", "serve_on_aiohttp"]
+__all__ = ["CHAT", "COMPLETIONS", "EMBEDDINGS", "handle", "serve"]
 
 
 async def handle(request: web.Request, surface: Surface) -> web.StreamResponse:
     """The aiohttp route for a model endpoint."""
-    return await serve_on_aiohttp(request, surface, await request.read())
+    return await on_aiohttp(request, partial(serve, surface=surface))
 
 
-async def serve_on_aiohttp(
-    request: web.Request, surface: Surface, body: bytes
-) -> web.StreamResponse:
-    outlet = WebOutlet(request)
-    incoming = Incoming(request.headers, body, request_info(request), request.app[LIVE].current)
-    whole = await serve(incoming, surface, outlet)
-    if whole is not None:
-        return web_response(whole)
-    assert outlet.response is not None
-    return outlet.response
-
-
-async def serve(incoming: Incoming, surface: Surface, outlet: Outlet) -> WholeResponse | None:
+async def serve(incoming: Incoming, outlet: Outlet, surface: Surface) -> WholeResponse | None:
     """Answer one model request: whole (returned), or streamed through ``outlet`` (None)."""
     runtime = incoming.runtime
     runtime.enter()

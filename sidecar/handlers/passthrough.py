@@ -11,7 +11,7 @@ import os
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, BinaryIO, TypeVar
@@ -30,7 +30,7 @@ from ..relay import FAILOVER_STATUSES, AllAttemptsFailed
 from ..scope import Target, parse_narrowing
 from ..state import Runtime
 from ..upstream import Upstream, UpstreamError
-from .context import request_info
+from .context import RequestInfo, request_info
 from .exchange import Exchange, Surface, ensure_ledger
 
 CHUNK_BYTES = 1 << 16
@@ -149,10 +149,23 @@ def prepare(
     input_estimate: int,
 ) -> Exchange:
     """Scope, plan and ledger check for a request the response cache never serves."""
-    info = request_info(request)
+    return prepare_for(
+        request.headers, request_info(request), surface, runtime, body, requested, input_estimate
+    )
+
+
+def prepare_for(
+    headers: Mapping[str, str],
+    info: RequestInfo,
+    surface: Surface,
+    runtime: Runtime,
+    body: dict[str, Any],
+    requested: str,
+    input_estimate: int,
+) -> Exchange:
+    """``prepare`` for a request whichever front read it."""
     info.requested = requested
     settings = runtime.settings
-    headers = request.headers
     narrowing = parse_narrowing(
         headers.get("X-TokenHub-Regions"), headers.get("X-TokenHub-Providers"), settings
     )

@@ -16,14 +16,14 @@ from ..billing import Usage
 from ..h1 import H1Response
 from ..relay import OpenStream
 from ..scope import Target
-from ..state import LIVE, Runtime
 from ..upstream import Upstream, UpstreamError
 from . import model, passthrough
+from .context import Incoming, Outlet, WholeResponse, on_aiohttp
 from .exchange import BYTES_PER_TOKEN, Exchange, StreamTally, Surface, record_stream_end
-from .media import respond_reply, walk_recorded
+from .media import walk_recorded, whole_reply
 from .passthrough import Reply
 
-__all__ = ["RESPONSES", "handle"]
+__all__ = ["RESPONSES", "handle", "serve"]
 
 RESPONSES = Surface("/v1/responses", "/responses", frozenset({"chat"}), True)
 
@@ -41,16 +41,21 @@ _FINAL = frozenset({"response.completed", "response.incomplete"})
 
 
 async def handle(request: web.Request) -> web.StreamResponse:
-    raw = await request.read()
-    body = wire.parse_object(raw)
+    """The aiohttp route."""
+    return await on_aiohttp(request, serve)
+
+
+async def serve(incoming: Incoming, outlet: Outlet) -> WholeResponse | None:
+    """Answer one Responses call: whole (returned), or streamed through ``outlet`` (None)."""
+    body = wire.parse_object(incoming.body)
     if not wire.wants_stream(body):
-        return await model.serve_on_aiohttp(request, RESPONSES, raw)
-    runtime = request.app[LIVE].current
+        return await model.serve(incoming, outlet, RESPONSES)
+    runtime = incoming.runtime
     runtime.enter()
     try:
         async with runtime.cap:
             runtime.bucket.take()
-            return await _stream(request, runtime, body)
+            return await _stream(incoming, outlet, body)
     finally:
         runtime.leave()
 
@@ -94,11 +99,11 @@ def is_content(event: dict[str, Any]) -> bool:
     return event.get("type") not in _PREAMBLE
 
 
-async def _stream(
-    request: web.Request, runtime: Runtime, body: dict[str, Any]
-) -> web.StreamResponse:
-    exchange = passthrough.prepare(
-        request,
+async def _stream(incoming: Incoming, outlet: Outlet, body: dict[str, Any]) -> WholeResponse | None:
+    runtime = incoming.runtime
+    exchange = passthrough.prepare_for(
+        incoming.headers,
+        incoming.info,
         RESPONSES,
         runtime,
         body,
@@ -127,8 +132,9 @@ async def _stream(
     with passthrough.budgeted(exchange):  # worst case: max_output_tokens, as for chat
         answer = await walk_recorded(exchange, send, settle)
         if isinstance(answer, Reply):
-            return await respond_reply(exchange, answer, lambda *_: (Usage(), "none"))
-        return await _forward(request, exchange, answer)
+            return await whole_reply(exchange, answer, lambda *_: (Usage(), "none"))
+        await _forward(outlet, exchange, answer)
+        return None
 
 
 async def _until_content(opened: _Opened, timeout_s: float) -> None:
@@ -149,22 +155,21 @@ async def _until_content(opened: _Opened, timeout_s: float) -> None:
         raise UpstreamError(f"no content within {timeout_s:g}s") from None
 
 
-async def _forward(request: web.Request, exchange: Exchange, opened: _Opened) -> web.StreamResponse:
+async def _forward(outlet: Outlet, exchange: Exchange, opened: _Opened) -> None:
     """Send the held events, then the rest, as the upstream wrote them (one write per read);
     the ledger line goes out before the last event."""
     target = opened.target
     attempts = exchange.trail.attempts
-    response = web.StreamResponse(headers=exchange.base_headers(target, len(attempts), "bypass"))
-    response.content_type = wire.SSE_TYPE
+    headers = exchange.base_headers(target, len(attempts), "bypass")
     exchange.info.status = 200
     tally = StreamTally()
     try:
-        await response.prepare(request)
+        await outlet.start_stream(headers)
         batch = [_outgoing(payload, event, tally) for payload, event in opened.held]
         outcome = "stream_cut"
         while True:
             if batch and not opened.has_buffered:
-                await response.write(b"".join(batch))
+                await outlet.write(b"".join(batch))
                 batch.clear()
             try:
                 got = await opened.next_event()
@@ -188,13 +193,12 @@ async def _forward(request: web.Request, exchange: Exchange, opened: _Opened) ->
         if outcome != "ok":
             await _record(exchange, target, outcome, tally)
             batch.append(_interrupted())
-        await response.write_eof(b"".join(batch))
+        await outlet.write_eof(b"".join(batch))
     except (ConnectionError, asyncio.CancelledError):
         opened.stream.close()
         if not exchange.recorded:
             await asyncio.shield(_record(exchange, target, "client_cancelled", tally))
         raise
-    return response
 
 
 def _see(tally: StreamTally, event: dict[str, Any]) -> None:
