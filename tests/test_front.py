@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 from typing import Any
 
 import orjson
@@ -156,6 +157,31 @@ async def test_pipelined_requests_are_answered_in_order_on_one_connection(alpha)
     assert sse_text(answers[1].body) == "second part"
     assert answers[1].body.endswith(b"data: [DONE]\n\n")
     assert answers[2].json()["choices"][0]["message"]["content"] == "third"
+
+
+@pytest.mark.parametrize("seed", range(4))
+async def test_pipelined_requests_cut_at_random_places_are_all_answered(alpha, seed):
+    fake, sidecar = alpha
+    fake.script(*[ok(content=f"answer {n}") for n in range(4)])
+    wire = b"".join(
+        post(body={**CHAT, "stream": n % 2 == 1}, extra=f"X-Request-Id: r{n}\r\n") for n in range(4)
+    )
+    rng = random.Random(seed)
+    cuts = sorted(rng.sample(range(1, len(wire)), 12))
+    reader, writer = await connect(sidecar)
+    for start, end in zip([0, *cuts], [*cuts, len(wire)], strict=True):
+        writer.write(wire[start:end])
+        await writer.drain()
+        await asyncio.sleep(rng.choice((0, 0, 0.01)))
+    answers = [await read_answer(reader) for _ in range(4)]
+    writer.close()
+    assert [a.headers["x-request-id"] for a in answers] == ["r0", "r1", "r2", "r3"]
+    assert all(a.status == 200 and a.lean for a in answers)
+    texts = [
+        sse_text(a.body) if n % 2 else a.json()["choices"][0]["message"]["content"]
+        for n, a in enumerate(answers)
+    ]
+    assert texts == ["answer 0", "answer 1", "answer 2", "answer 3"]
 
 
 async def test_a_request_dribbled_byte_by_byte_is_served(alpha):
