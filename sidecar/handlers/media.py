@@ -23,7 +23,7 @@ from ..scope import Target
 from ..state import LIVE, Runtime
 from ..upstream import Upstream, UpstreamError
 from . import passthrough
-from .context import WholeResponse, web_response
+from .context import WholeResponse, request_info, web_response
 from .exchange import CHARS_PER_TOKEN, Exchange, Surface, record, record_unanswered
 from .passthrough import CHUNK_BYTES, Reply, Spool
 
@@ -89,7 +89,8 @@ async def _json_exchange(request: web.Request, surface: Surface, runtime: Runtim
     raw = await request.read()
     body = wire.parse_object(raw)
     return passthrough.prepare(
-        request,
+        request.headers,
+        request_info(request),
         surface,
         runtime,
         body,
@@ -116,7 +117,8 @@ async def _multipart_call(request: web.Request, surface: Surface, runtime: Runti
     )
     try:
         exchange = passthrough.prepare(
-            request,
+            request.headers,
+            request_info(request),
             surface,
             runtime,
             dict(spool.fields),

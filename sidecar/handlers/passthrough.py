@@ -30,7 +30,7 @@ from ..relay import FAILOVER_STATUSES, AllAttemptsFailed
 from ..scope import Target, parse_narrowing
 from ..state import Runtime
 from ..upstream import Upstream, UpstreamError
-from .context import RequestInfo, request_info
+from .context import RequestInfo
 from .exchange import Exchange, Surface, ensure_ledger
 
 CHUNK_BYTES = 1 << 16
@@ -141,20 +141,6 @@ def _fail(
 
 
 def prepare(
-    request: web.Request,
-    surface: Surface,
-    runtime: Runtime,
-    body: dict[str, Any],
-    requested: str,
-    input_estimate: int,
-) -> Exchange:
-    """Scope, plan and ledger check for a request the response cache never serves."""
-    return prepare_for(
-        request.headers, request_info(request), surface, runtime, body, requested, input_estimate
-    )
-
-
-def prepare_for(
     headers: Mapping[str, str],
     info: RequestInfo,
     surface: Surface,
@@ -163,7 +149,7 @@ def prepare_for(
     requested: str,
     input_estimate: int,
 ) -> Exchange:
-    """``prepare`` for a request whichever front read it."""
+    """Scope, plan and ledger check for a request the response cache never serves."""
     info.requested = requested
     settings = runtime.settings
     narrowing = parse_narrowing(

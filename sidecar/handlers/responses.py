@@ -101,7 +101,7 @@ def is_content(event: dict[str, Any]) -> bool:
 
 async def _stream(incoming: Incoming, outlet: Outlet, body: dict[str, Any]) -> WholeResponse | None:
     runtime = incoming.runtime
-    exchange = passthrough.prepare_for(
+    exchange = passthrough.prepare(
         incoming.headers,
         incoming.info,
         RESPONSES,

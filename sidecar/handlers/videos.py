@@ -115,7 +115,13 @@ async def _create(request: web.Request, runtime: Runtime) -> web.Response:
     )
     try:
         exchange = passthrough.prepare(
-            request, VIDEOS, runtime, dict(spool.fields), passthrough.require_model(spool), 1
+            request.headers,
+            request_info(request),
+            VIDEOS,
+            runtime,
+            dict(spool.fields),
+            passthrough.require_model(spool),
+            1,
         )
         timeout_s = runtime.settings.routing.idle_timeout_s
 
