@@ -246,12 +246,6 @@ def guard_for(guard: Guard) -> Middleware:
             )
             response = _redact_error_body(await handler(request), runtime.redactor)
             return response
-        except SidecarError as exc:
-            whole = error_response(exc, runtime.redactor)
-            if request.path.startswith("/v1/"):
-                whole.headers.setdefault("X-TokenHub-Route", f"not routed: {exc.code}")
-            response = web_response(whole)
-            return response
         except web.HTTPException as exc:
             error = _from_http(exc, runtime.settings.server.max_body_bytes)
             response = web_response(error_response(error, runtime.redactor))
@@ -260,8 +254,9 @@ def guard_for(guard: Guard) -> Middleware:
             info.status = 499
             raise
         except Exception as exc:
-            get_logger().error("unhandled error", request_id=info.request_id, error=repr(exc))
-            response = web_response(error_response(internal_error(), runtime.redactor))
+            routed = request.path.startswith("/v1/")
+            whole = error_answer(exc, info, runtime.redactor, routed=routed)
+            response = web_response(whole)
             return response
         finally:
             in_flight.dec()
@@ -312,12 +307,26 @@ def _from_http(exc: web.HTTPException, limit: int) -> SidecarError:
     return error
 
 
-def internal_error() -> SidecarError:
+def _internal_error() -> SidecarError:
     error = SidecarError(
         "The sidecar hit an internal error; the details are in its log. Retry the request."
     )
     error.status, error.type, error.code = 500, "server_error", "internal_error"
     return error
+
+
+def error_answer(
+    exc: Exception, info: RequestInfo, redactor: Redactor, *, routed: bool
+) -> WholeResponse:
+    """The answer to a request whose handler raised ``exc``: a ``SidecarError``'s own (with
+    ``X-TokenHub-Route`` on a ``routed`` path), anything else a logged 500."""
+    if isinstance(exc, SidecarError):
+        whole = error_response(exc, redactor)
+        if routed:
+            whole.headers.setdefault("X-TokenHub-Route", f"not routed: {exc.code}")
+        return whole
+    get_logger().error("unhandled error", request_id=info.request_id, error=repr(exc))
+    return error_response(_internal_error(), redactor)
 
 
 def error_response(exc: SidecarError, redactor: Redactor) -> WholeResponse:

@@ -33,8 +33,7 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 from multidict import CIMultiDict
 
-from .app import GUARD, Guard, error_response, internal_error, redact_body
-from .errors import SidecarError
+from .app import GUARD, Guard, error_answer, redact_body
 from .handlers import model, responses
 from .handlers.context import Incoming, Serve, WholeResponse, new_request_info
 from .handlers.exchange import Surface
@@ -307,15 +306,11 @@ class Connection(RequestHandler):
             try:
                 info.client_token_id = guard.admit(endpoint, headers, None)
                 whole = await head.route.serve(Incoming(headers, body, info, runtime), self)
-            except SidecarError as exc:
-                whole = error_response(exc, runtime.redactor)
-                whole.headers.setdefault("X-TokenHub-Route", f"not routed: {exc.code}")
             except ConnectionError:
                 info.status = 499
                 keep_alive = False
             except Exception as exc:
-                get_logger().error("unhandled error", request_id=info.request_id, error=repr(exc))
-                whole = error_response(internal_error(), runtime.redactor)
+                whole = error_answer(exc, info, runtime.redactor, routed=True)
             if whole is not None:
                 if self._head_sent:
                     keep_alive = False  # a stream already begun cannot carry another answer
