@@ -94,14 +94,13 @@ def test_generated_sidecar_config_is_valid(tmp_path: Path, cache: str, fsync: st
 @pytest.fixture
 async def fake_upstream() -> AsyncIterator[str]:
     loop = asyncio.get_running_loop()
-    tasks: set[asyncio.Task[None]] = set()
     answers = upstream.Answers(upstream.StreamShape(chunks=3, delay_s=0.001))
-    server = await loop.create_server(lambda: upstream.Connection(answers, tasks), "127.0.0.1", 0)
+    pacer = upstream.Pacer(loop, answers.shape.delay_s)
+    server = await loop.create_server(lambda: upstream.Connection(answers, pacer), "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     yield f"http://127.0.0.1:{port}"
     server.close()
-    for task in tasks:
-        task.cancel()
+    pacer.close()
     await server.wait_closed()
 
 

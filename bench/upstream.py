@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from collections import deque
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -50,6 +51,7 @@ class Answers:
 
     shape: StreamShape
     _chat: dict[str, bytes] = field(default_factory=dict)
+    _streams: dict[tuple[str, bool], StreamBytes] = field(default_factory=dict)
 
     def chat(self, model: str) -> bytes:
         cached = self._chat.get(model)
@@ -58,6 +60,38 @@ class Answers:
             if len(self._chat) < 64:
                 self._chat[model] = cached
         return cached
+
+    def stream(self, model: str, with_usage: bool) -> StreamBytes:
+        cached = self._streams.get((model, with_usage))
+        if cached is None:
+            cached = stream_bytes(model, with_usage, self.shape)
+            if len(self._streams) < 64:
+                self._streams[(model, with_usage)] = cached
+        return cached
+
+
+@dataclass(frozen=True)
+class StreamBytes:
+    """One stream's writes: the head with the role chunk, each content chunk, and the tail."""
+
+    first: bytes
+    chunks: tuple[bytes, ...]
+    last: bytes
+
+
+def stream_bytes(model: str, with_usage: bool, shape: StreamShape) -> StreamBytes:
+    role = chunk_event(model, {"role": "assistant", "content": ""})
+    chunks = tuple(
+        http_chunk(chunk_event(model, {"content": f"w{i} "})) for i in range(shape.chunks)
+    )
+    tail = chunk_event(model, {}, "stop")
+    if with_usage:
+        tail += usage_event(model, shape)
+    return StreamBytes(
+        STREAM_HEAD + http_chunk(role),
+        chunks,
+        http_chunk(tail + b"data: [DONE]\n\n") + b"0\r\n\r\n",
+    )
 
 
 def response(status: int, content_type: str, body: bytes, close: bool = False) -> bytes:
@@ -212,12 +246,81 @@ def parse_request(buf: bytearray) -> tuple[Request, int] | None:
     return Request(method, path, body, keep_alive), body_start + length
 
 
+class Pacer:
+    """Sends every open stream's next chunk when it is due, from one timer.
+
+    A task per stream sleeping between chunks cost more CPU than a proxy relaying the chunk, so
+    at 256 streams the fake upstream was what held the direct target back. Every stream has the
+    same delay, so chunks fall due in about the order they were queued: one FIFO, and one timer
+    for its head.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, delay_s: float) -> None:
+        self._loop = loop
+        self._delay_s = delay_s
+        self._due: deque[tuple[float, Stream]] = deque()
+        self._timer: asyncio.TimerHandle | None = None
+
+    def start(self, stream: Stream) -> None:
+        """Queue ``stream``'s first content chunk one delay from now."""
+        self._queue(self._loop.time() + self._delay_s, stream)
+
+    def _queue(self, due: float, stream: Stream) -> None:
+        self._due.append((due, stream))
+        if self._timer is None:
+            self._timer = self._loop.call_at(due, self._tick)
+
+    def _tick(self) -> None:
+        self._timer = None
+        queue, now = self._due, self._loop.time()
+        while queue and queue[0][0] <= now:
+            due, stream = queue.popleft()
+            if stream.send_next():
+                queue.append((due + self._delay_s, stream))
+        if queue:
+            self._timer = self._loop.call_at(queue[0][0], self._tick)
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._due.clear()
+
+
+class Stream:
+    """One SSE answer in progress on a connection."""
+
+    __slots__ = ("connection", "parts", "sent", "keep_alive")
+
+    def __init__(self, connection: Connection, parts: StreamBytes, keep_alive: bool) -> None:
+        self.connection = connection
+        self.parts = parts
+        self.sent = 0
+        self.keep_alive = keep_alive
+
+    def send_next(self) -> bool:
+        """Send the next content chunk (and the tail after the last); True while more are due.
+        A chunk is due ``delay`` after the one before was due, however busy the reader: a
+        provider generates at its own pace."""
+        transport = self.connection.transport
+        if transport is None or transport.is_closing():
+            return False  # the client went away
+        chunks = self.parts.chunks
+        if self.sent < len(chunks):
+            transport.write(chunks[self.sent])
+            self.sent += 1
+            if self.sent < len(chunks):
+                return True
+        transport.write(self.parts.last)
+        self.connection.stream_done(self.keep_alive)
+        return False
+
+
 class Connection(asyncio.Protocol):
     """One keep-alive client connection; requests are answered strictly in order."""
 
-    def __init__(self, answers: Answers, tasks: set[asyncio.Task[None]]) -> None:
+    def __init__(self, answers: Answers, pacer: Pacer) -> None:
         self.answers = answers
-        self.tasks = tasks
+        self.pacer = pacer
         self.buf = bytearray()
         self.busy = False
         self.transport: asyncio.Transport | None = None
@@ -275,49 +378,28 @@ class Connection(asyncio.Protocol):
             return
         options = body.get("stream_options") or {}
         with_usage = isinstance(options, dict) and bool(options.get("include_usage"))
+        stream = Stream(self, self.answers.stream(model, with_usage), request.keep_alive)
+        self.transport.write(stream.parts.first)
         self.busy = True
-        task = asyncio.get_running_loop().create_task(
-            self.stream(model, with_usage, request.keep_alive)
-        )
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        if stream.parts.chunks:
+            self.pacer.start(stream)
+        else:
+            stream.send_next()
 
-    async def stream(self, model: str, with_usage: bool, keep_alive: bool) -> None:
-        shape = self.answers.shape
-        loop = asyncio.get_running_loop()
-        try:
-            role = chunk_event(model, {"role": "assistant", "content": ""})
-            self.send(STREAM_HEAD + http_chunk(role))
-            # Chunk i is due i+1 delays after the role chunk, whenever the last one went out: a
-            # provider generates at its own pace, however busy the proxy reading it is.
-            start = loop.time()
-            for i in range(shape.chunks):
-                await asyncio.sleep(start + (i + 1) * shape.delay_s - loop.time())
-                self.send(http_chunk(chunk_event(model, {"content": f"w{i} "})))
-            tail = chunk_event(model, {}, "stop")
-            if with_usage:
-                tail += usage_event(model, shape)
-            self.send(http_chunk(tail + b"data: [DONE]\n\n") + b"0\r\n\r\n")
-        except ConnectionError:
-            return
+    def stream_done(self, keep_alive: bool) -> None:
         self.busy = False
         if self.transport is not None and not keep_alive:
             self.transport.close()
         elif self.buf:
             self.process()
 
-    def send(self, data: bytes) -> None:
-        if self.transport is None or self.transport.is_closing():
-            raise ConnectionError("client went away")
-        self.transport.write(data)
-
 
 async def serve(host: str, port: int, shape: StreamShape) -> None:
     loop = asyncio.get_running_loop()
     answers = Answers(shape)
-    tasks: set[asyncio.Task[None]] = set()
+    pacer = Pacer(loop, shape.delay_s)
     server = await loop.create_server(
-        lambda: Connection(answers, tasks), host, port, backlog=4096, reuse_address=True
+        lambda: Connection(answers, pacer), host, port, backlog=4096, reuse_address=True
     )
     bound = server.sockets[0].getsockname()[1]
     print(f"listening on {host}:{bound}", flush=True)
