@@ -365,10 +365,20 @@ class Connection(RequestHandler):
         self._stream_head = head_bytes(200, headers, tail)
 
     async def write(self, data: bytes) -> None:
+        if not self.send_now(data):
+            await self._drain_helper()
+
+    def pushed(self) -> Connection:
+        return self
+
+    def send_now(self, data: bytes) -> bool:
         if data:
             self._send(b"%x\r\n%b\r\n" % (len(data), data))
-            if self._paused:
-                await self._drain_helper()
+        return not self._paused
+
+    async def drain(self) -> None:
+        if self._paused:
+            await self._drain_helper()
 
     async def write_eof(self, data: bytes) -> None:
         self._send(b"%x\r\n%b\r\n0\r\n\r\n" % (len(data), data) if data else _LAST_CHUNK)

@@ -20,7 +20,7 @@ import ssl
 import zlib
 from collections import deque
 from collections.abc import Mapping
-from typing import Any, Final, cast
+from typing import Any, Final, Protocol, cast
 
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
@@ -49,9 +49,18 @@ class _Head:
         self.encoding = ""
 
 
+class StreamSink(Protocol):
+    """Takes a stream's bytes inside the read callback, in place of ``readany()``."""
+
+    def on_data(self, data: bytes) -> None: ...
+
+    def on_end(self, error: Exception | None) -> None:
+        """The body ended: cleanly (None) or cut (the error)."""
+
+
 class _Connection(asyncio.Protocol):
     """One upstream connection and the response it is reading: whole (``body()``) or as it
-    comes (``readany()``, for streams)."""
+    comes (``readany()``, or pushed to a ``StreamSink``, for streams)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -74,6 +83,7 @@ class _Connection(asyncio.Protocol):
         # A stream: bytes not yet read, the reader waiting for more, how it ended.
         self._feed = bytearray()
         self._feed_waiter: asyncio.Future[None] | None = None
+        self._sink: StreamSink | None = None
         self._eof = False
         self._error: Exception | None = None
         self._paused = False
@@ -131,6 +141,8 @@ class _Connection(asyncio.Protocol):
         self._buffer.clear()
         self._parts = []
         self._feed.clear()
+        self._sink = None
+        self.set_reading(True)
         self._eof = False
         self._error = None
         self._stream = stream
@@ -167,6 +179,30 @@ class _Connection(asyncio.Protocol):
                 await waiter
             finally:
                 self._feed_waiter = None
+
+    def push_to(self, sink: StreamSink) -> None:
+        """From now on hand the stream's bytes to ``sink`` as they arrive (what came before
+        first, at once). A task waiting on each read costs more than the relay's own work."""
+        self._sink = sink
+        self.set_reading(True)
+        if self._feed:
+            data = bytes(self._feed)
+            self._feed.clear()
+            sink.on_data(data)
+        if self._error is not None:
+            sink.on_end(self._error)
+        elif self._eof:
+            sink.on_end(None)
+
+    def set_reading(self, on: bool) -> None:
+        """Pause reading (a client slower than the upstream) or resume it."""
+        if self._paused == (not on) or self.transport is None:
+            return
+        self._paused = not on
+        if on:
+            self.transport.resume_reading()
+        else:
+            self.transport.pause_reading()
 
     @property
     def streaming(self) -> bool:
@@ -207,6 +243,8 @@ class _Connection(asyncio.Protocol):
                 waiter.set_exception(exc)
         if self._stream and not self._eof and self._error is None:
             self._error = exc
+            if self._sink is not None:
+                self._sink.on_end(exc)
             self._wake()
         if self.transport is not None:
             self.transport.abort()
@@ -223,6 +261,9 @@ class _Connection(asyncio.Protocol):
         if not data:
             return
         if self._stream:
+            if self._sink is not None:
+                self._sink.on_data(data)
+                return
             self._feed += data
             if len(self._feed) > _FEED_HIGH_WATER and not self._paused and self.transport:
                 self._paused = True  # a slow client: stop reading until it catches up
@@ -245,6 +286,8 @@ class _Connection(asyncio.Protocol):
         self._expecting = False
         if self._stream:
             self._eof = True
+            if self._sink is not None:
+                self._sink.on_end(None)
             self._wake()
         else:
             waiter = self._body_waiter
@@ -333,16 +376,18 @@ class _Connection(asyncio.Protocol):
         return True
 
     def _read_chunks(self) -> None:
-        """Decode what the buffer holds of a chunked body. A chunk's data is passed on as it
-        arrives (a stream is not held back by a large chunk); the buffer is trimmed once."""
+        """Decode what the buffer holds of a chunked body. The data of every chunk in it, whole
+        or begun, is passed on at once (a stream is not held back by a large chunk); the buffer
+        is trimmed once."""
         buffer = self._buffer
         pos, end = 0, len(buffer)
+        parts: list[bytes] = []  # passed on together: one read, one hand-over
         try:
             while pos < end:
                 left = self._chunk_left
                 if left > 0:  # data of the current chunk
                     take = min(left, end - pos)
-                    self._deliver(bytes(buffer[pos : pos + take]))
+                    parts.append(bytes(buffer[pos : pos + take]))
                     pos += take
                     self._chunk_left = left - take or _CHUNK_CRLF
                 elif left == _CHUNK_CRLF:
@@ -372,11 +417,19 @@ class _Connection(asyncio.Protocol):
                             return
                         last += 4
                     pos = end
+                    self._deliver_parts(parts)
                     self._end(spoiled=end > last)
                     return
         finally:
             if pos:
                 del buffer[:pos]
+            self._deliver_parts(parts)
+
+    def _deliver_parts(self, parts: list[bytes]) -> None:
+        if parts:
+            data = parts[0] if len(parts) == 1 else b"".join(parts)
+            parts.clear()
+            self._deliver(data)
 
 
 _HEX_DIGITS: Final = b"0123456789abcdefABCDEF"
@@ -499,6 +552,18 @@ class H1Response:
         if connection is None:
             raise BodyCut("the response was closed")
         return await connection.readany()
+
+    def push_to(self, sink: StreamSink) -> None:
+        """Hand a stream's bytes to ``sink`` as they arrive, instead of ``readany()``."""
+        connection = self._connection
+        if connection is None:
+            sink.on_end(BodyCut("the response was closed"))
+        else:
+            connection.push_to(sink)
+
+    def set_reading(self, on: bool) -> None:
+        if self._connection is not None:
+            self._connection.set_reading(on)
 
     def close(self) -> None:
         """Pool the connection if the response was read to its end and keep-alive holds; else

@@ -122,17 +122,28 @@ class OpenStream:
             try:
                 data = await self.response.content.readany()
             except (aiohttp.ClientError, ConnectionError) as exc:
-                raise UpstreamError(self._cut_reason(exc)) from None
+                self.ended(exc)
             if not data:
-                if self.timed_out:
-                    raise UpstreamError(self._cut_reason(None))
-                if self.decoder.pending.strip():
-                    raise UpstreamError("stream ended inside an event")
+                self.ended(None)
                 return None
-            self.touched = time.monotonic()
-            self.pending.extend(self.decoder.feed(data))
-            if len(self.decoder.pending) > MAX_EVENT_BYTES:
-                raise UpstreamError("stream event too large (not SSE?)")
+            self.pending.extend(self.decode(data))
+
+    def decode(self, data: bytes) -> list[bytes]:
+        """The payloads of the events one read completed. Raises UpstreamError once an event
+        grows past ``MAX_EVENT_BYTES``."""
+        self.touched = time.monotonic()
+        payloads = self.decoder.feed(data)
+        if len(self.decoder.pending) > MAX_EVENT_BYTES:
+            raise UpstreamError("stream event too large (not SSE?)")
+        return payloads
+
+    def ended(self, cut: BaseException | None) -> None:
+        """The body ended, ``cut`` by an error or not: raises UpstreamError unless the end was
+        clean (not timed out, not inside an event)."""
+        if cut is not None or self.timed_out:
+            raise UpstreamError(self._cut_reason(cut)) from None
+        if self.decoder.pending.strip():
+            raise UpstreamError("stream ended inside an event")
 
     @property
     def has_buffered(self) -> bool:

@@ -85,6 +85,18 @@ class Outlet(Protocol):
 
     async def write_eof(self, data: bytes) -> None: ...
 
+    def pushed(self) -> PushOutlet | None:
+        """This outlet, if it also takes writes from a callback; None if only ``write``."""
+
+
+class PushOutlet(Outlet, Protocol):
+    """An ``Outlet`` that also takes a write at once, from a callback (the lean front)."""
+
+    def send_now(self, data: bytes) -> bool:
+        """Write ``data`` now; False when the client reads slower than that: ``drain()``."""
+
+    async def drain(self) -> None: ...
+
 
 class WebOutlet:
     """An ``Outlet`` over aiohttp: a 200 ``text/event-stream`` answer to ``request``."""
@@ -108,6 +120,9 @@ class WebOutlet:
     async def write_eof(self, data: bytes) -> None:
         assert self.response is not None
         await self.response.write_eof(data)
+
+    def pushed(self) -> None:
+        return None
 
 
 Serve = Callable[[Incoming, Outlet], Awaitable[WholeResponse | None]]

@@ -3,68 +3,186 @@
 from __future__ import annotations
 
 import asyncio
+from collections import deque
+from collections.abc import Iterator
 from typing import Any
 
 import orjson
 
 from .. import billing, wire
+from ..h1 import H1Response
 from ..relay import OpenStream
 from ..replay import StreamAssembler
 from ..upstream import UpstreamError
-from .context import Outlet
+from .context import Outlet, PushOutlet
 from .exchange import Exchange, StreamTally, record_stream_end, store_answer
 
 
 async def relay_stream(outlet: Outlet, exchange: Exchange, stream: OpenStream) -> None:
     """Forward a committed stream chunk by chunk; its ledger line goes out before ``[DONE]``."""
-    target = stream.target
-    client_wants_usage = wire.wants_usage(exchange.body)
-    assembler = StreamAssembler() if exchange.decision.store and exchange.cache_key else None
-    tally = StreamTally()
-    headers = exchange.base_headers(target, len(stream.attempts), exchange.cache_header)
+    events = _Events(exchange, stream)
+    headers = exchange.base_headers(stream.target, len(stream.attempts), exchange.cache_header)
     exchange.info.status = 200
-    outcome = "stream_cut"
     try:
         await outlet.start_stream(headers)
         # Events that came in one read go out in one write: one syscall, not one per event.
         batch: list[bytes] = []
         for held, held_chunk in stream.held:
-            out = _outgoing(held, held_chunk, tally, assembler, client_wants_usage)
+            out = _outgoing(held, held_chunk, events.tally, events.assembler, events.wants_usage)
             if out is not None:
                 batch.append(out)
-        while True:
-            if batch and not stream.has_buffered:
-                await outlet.write(b"".join(batch))
-                batch.clear()
-            try:
-                payload = await stream.next_payload()
-            except UpstreamError as exc:
-                stream.attempts[-1].reason = exc.reason
-                break
-            if payload is None:
-                break
-            if payload == b"[DONE]":
-                outcome = "ok"
-                break
-            try:
-                chunk = orjson.loads(payload)
-            except orjson.JSONDecodeError:
-                stream.attempts[-1].reason = "stream event is not JSON"
-                break
-            if not isinstance(chunk, dict) or "error" in chunk:
-                stream.attempts[-1].reason = "error event after content"
-                break
-            out = _outgoing(payload, chunk, tally, assembler, client_wants_usage)
-            if out is not None:
-                batch.append(out)
+        pushed = outlet.pushed()
+        if pushed is not None and isinstance(stream.response, H1Response):
+            outcome = await _push(pushed, stream.response, events, batch)
+        else:
+            outcome = await _pull(outlet, stream, events, batch)
         stream.close()
-        await _finish_stream(exchange, stream, outlet, outcome, tally, assembler, batch)
+        await _finish_stream(exchange, stream, outlet, outcome, events, batch)
     except (ConnectionError, asyncio.CancelledError):
         stream.close()
         if not exchange.recorded:  # a client gone after the line was written keeps that line
             stream.attempts[-1].reason = "client cancelled"
-            await asyncio.shield(_record_stream(exchange, stream, "client_cancelled", tally))
+            await asyncio.shield(_record_stream(exchange, stream, "client_cancelled", events.tally))
         raise
+
+
+class _Events:
+    """What one stream's events add up to, and what each one sends on."""
+
+    __slots__ = ("stream", "tally", "assembler", "wants_usage")
+
+    def __init__(self, exchange: Exchange, stream: OpenStream) -> None:
+        self.stream = stream
+        self.tally = StreamTally()
+        self.assembler = (
+            StreamAssembler() if exchange.decision.store and exchange.cache_key else None
+        )
+        self.wants_usage = wire.wants_usage(exchange.body)
+
+    def relay(self, payload: bytes, batch: list[bytes]) -> str | None:
+        """One upstream event: what the client gets of it goes on ``batch``. Returns the
+        stream's outcome when it ends here (``ok`` at ``[DONE]``), else None."""
+        if payload == b"[DONE]":
+            return "ok"
+        try:
+            chunk = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            return self.cut("stream event is not JSON")
+        if not isinstance(chunk, dict) or "error" in chunk:
+            return self.cut("error event after content")
+        out = _outgoing(payload, chunk, self.tally, self.assembler, self.wants_usage)
+        if out is not None:
+            batch.append(out)
+        return None
+
+    def cut(self, reason: str) -> str:
+        self.stream.attempts[-1].reason = reason
+        return "stream_cut"
+
+
+async def _pull(outlet: Outlet, stream: OpenStream, events: _Events, batch: list[bytes]) -> str:
+    """Read event by event, writing each read's events at once (aiohttp's server)."""
+    while True:
+        if batch and not stream.has_buffered:
+            await outlet.write(b"".join(batch))
+            batch.clear()
+        try:
+            payload = await stream.next_payload()
+        except UpstreamError as exc:
+            return events.cut(exc.reason)
+        if payload is None:
+            return "stream_cut"
+        outcome = events.relay(payload, batch)
+        if outcome is not None:
+            return outcome
+
+
+async def _push(
+    outlet: PushOutlet, response: H1Response, events: _Events, batch: list[bytes]
+) -> str:
+    """Relay each read from inside the upstream's read callback (the lean front): no task
+    wakes per chunk. What is left on ``batch`` at the end goes out after the ledger line."""
+    pump = _Pump(outlet, response, events, batch)
+    try:
+        for payload in _drained(events.stream.pending):
+            outcome = events.relay(payload, batch)
+            if outcome is not None:
+                return outcome
+        response.push_to(pump)
+        if batch and not pump.done.done():
+            pump.send()
+        return await pump.done
+    finally:
+        pump.close()
+
+
+def _drained(pending: deque[bytes]) -> Iterator[bytes]:
+    while pending:
+        yield pending.popleft()
+
+
+class _Pump:
+    """The ``StreamSink`` of a pushed stream: decodes, checks and forwards each read."""
+
+    __slots__ = ("outlet", "response", "events", "batch", "done", "_draining")
+
+    def __init__(
+        self, outlet: PushOutlet, response: H1Response, events: _Events, batch: list[bytes]
+    ) -> None:
+        self.outlet = outlet
+        self.response = response
+        self.events = events
+        self.batch = batch
+        self.done: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._draining: asyncio.Task[None] | None = None
+
+    def on_data(self, data: bytes) -> None:
+        done = self.done
+        if done.done():
+            return
+        batch, events = self.batch, self.events
+        try:
+            for payload in events.stream.decode(data):
+                outcome = events.relay(payload, batch)
+                if outcome is not None:
+                    done.set_result(outcome)
+                    return
+            if batch:
+                self.send()
+        except UpstreamError as exc:
+            done.set_result(events.cut(exc.reason))
+        except Exception as exc:  # the client went away, or a bug: relay_stream raises it
+            done.set_exception(exc)
+
+    def on_end(self, error: Exception | None) -> None:
+        if self.done.done():
+            return
+        try:
+            self.events.stream.ended(error)
+        except UpstreamError as exc:
+            self.done.set_result(self.events.cut(exc.reason))
+        else:
+            self.done.set_result("stream_cut")  # a clean end without [DONE]
+
+    def send(self) -> None:
+        data = b"".join(self.batch)
+        self.batch.clear()
+        if not self.outlet.send_now(data):
+            self.response.set_reading(False)  # the client reads slower: hold the upstream
+            self._draining = asyncio.get_running_loop().create_task(self._drain())
+
+    async def _drain(self) -> None:
+        try:
+            await self.outlet.drain()
+        except ConnectionError as exc:
+            if not self.done.done():
+                self.done.set_exception(exc)
+            return
+        self.response.set_reading(True)
+
+    def close(self) -> None:
+        if self._draining is not None:
+            self._draining.cancel()
 
 
 def _outgoing(
@@ -98,16 +216,15 @@ async def _finish_stream(
     stream: OpenStream,
     outlet: Outlet,
     outcome: str,
-    tally: StreamTally,
-    assembler: StreamAssembler | None,
+    events: _Events,
     unsent: list[bytes],
 ) -> None:
     """Record the stream, then send what is left, its last event and the end in one write."""
-    await _record_stream(exchange, stream, outcome, tally)
+    await _record_stream(exchange, stream, outcome, events.tally)
     if outcome == "ok":
         unsent.append(wire.SSE_DONE)
-        if assembler is not None:
-            completed = assembler.complete()
+        if events.assembler is not None:
+            completed = events.assembler.complete()
             if completed is not None:
                 store_answer(exchange, stream.target, completed)
     else:
