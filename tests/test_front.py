@@ -339,6 +339,34 @@ async def test_a_stream_in_flight_finishes_when_the_server_drains(alpha):
     assert [line["outcome"] for line in sidecar.ledger_lines()] == ["ok"]
 
 
+async def test_a_stream_to_a_client_that_stops_reading_is_held_then_sent_whole(alpha):
+    """Megabytes of events to a client that reads nothing for a while: the pushed relay pauses
+    the upstream once the client's socket is full, resumes when it drains, and loses nothing."""
+    fake, sidecar = alpha
+    pieces = [f"{n:04d}" + "x" * 60_000 for n in range(200)]  # 12 MB: past every socket buffer
+    fake.script(sse(*[chunk_event(piece) for piece in pieces]))
+    reader, writer = await connect(sidecar)
+    writer.transport.pause_reading()
+    writer.write(post(body={**CHAT, "stream": True}))
+    await asyncio.sleep(1.0)
+    writer.transport.resume_reading()
+    answer = await asyncio.wait_for(read_answer(reader), 30)
+    writer.close()
+    assert answer.lean and answer.body.endswith(b"data: [DONE]\n\n")
+    assert sse_text(answer.body) == "".join(pieces)
+    assert [line["outcome"] for line in sidecar.ledger_lines()] == ["ok"]
+
+
+def chunk_event(content: str) -> dict[str, Any]:
+    return {
+        "id": "chatcmpl-big",
+        "object": "chat.completion.chunk",
+        "created": 1,
+        "model": "deepseek-v3.2",
+        "choices": [{"index": 0, "delta": {"content": content}, "finish_reason": None}],
+    }
+
+
 def test_parse_head_takes_only_plain_requests():
     def parse(head: bytes) -> Any:
         buffer = bytearray(head + b"\r\n\r\n")

@@ -423,6 +423,50 @@ async def test_a_stream_is_read_as_it_comes_then_pooled(upstream: RawUpstream) -
     pool.close()
 
 
+class RecordingSink:
+    def __init__(self) -> None:
+        self.pieces: list[bytes] = []
+        self.ended: asyncio.Future[Exception | None] = asyncio.get_running_loop().create_future()
+
+    def on_data(self, data: bytes) -> None:
+        assert not self.ended.done(), "data after the end"
+        self.pieces.append(data)
+
+    def on_end(self, error: Exception | None) -> None:
+        self.ended.set_result(error)
+
+
+async def test_a_pushed_stream_gets_each_read_whole_and_then_its_end(
+    upstream: RawUpstream,
+) -> None:
+    pool = pool_for(upstream.url())
+    three = chunk(b"data: 2\n\n") + chunk(b"data: 3\n\n") + chunk(b"data: 4\n\n")
+    upstream.replies.append([STREAM_HEAD + chunk(b"data: 1\n\n"), 0.1, three, 0.1, b"0\r\n\r\n"])
+    response = await pool.post("/chat/completions", "application/json", b"{}", stream=True)
+    await asyncio.sleep(0.05)  # the first chunk waits in the feed: it is pushed at once
+    sink = RecordingSink()
+    response.push_to(sink)
+    assert sink.pieces == [b"data: 1\n\n"]
+    assert await asyncio.wait_for(sink.ended, 2) is None
+    assert sink.pieces == [b"data: 1\n\n", b"data: 2\n\ndata: 3\n\ndata: 4\n\n"]
+    response.close()
+    assert await post(pool) == (200, b'{"ok":true}')
+    assert upstream.connections == 1  # read to its end: pooled
+    pool.close()
+
+
+async def test_a_pushed_stream_that_is_cut_ends_with_the_cut(upstream: RawUpstream) -> None:
+    pool = pool_for(upstream.url())
+    upstream.replies.append([STREAM_HEAD + chunk(b"data: 1\n\n"), 0.1, CLOSE])
+    response = await pool.post("/chat/completions", "application/json", b"{}", stream=True)
+    sink = RecordingSink()
+    response.push_to(sink)
+    assert isinstance(await asyncio.wait_for(sink.ended, 2), BodyCut)
+    assert b"".join(sink.pieces) == b"data: 1\n\n"
+    response.close()
+    pool.close()
+
+
 async def test_a_gzip_stream_is_decoded_as_it_comes(upstream: RawUpstream) -> None:
     pool = pool_for(upstream.url())
     packer = zlib.compressobj(wbits=16 + zlib.MAX_WBITS)
