@@ -272,7 +272,9 @@ class Pacer:
 
     def _tick(self) -> None:
         self._timer = None
-        queue, now = self._due, self._loop.time()
+        # uvloop's clock and timers count whole milliseconds: a timer may fire with its due
+        # time a fraction of a millisecond ahead, and waiting for it would spin the loop.
+        queue, now = self._due, self._loop.time() + 0.001
         while queue and queue[0][0] <= now:
             due, stream = queue.popleft()
             if stream.send_next():
