@@ -405,7 +405,15 @@ class _Connection(asyncio.Protocol):
                         return
                     size = _chunk_size(bytes(buffer[pos:line_end]))
                     if size:
-                        pos = line_end + 2
+                        start = line_end + 2
+                        stop = start + size
+                        if stop + 2 <= end:  # the whole chunk is in: take it in one step
+                            parts.append(bytes(buffer[start:stop]))
+                            pos = stop + 2
+                            if buffer[stop:pos] != b"\r\n":
+                                raise BodyCut("a chunk is not followed by CRLF")
+                            continue
+                        pos = start
                         self._chunk_left = size
                         continue
                     # The last chunk, then trailer lines up to an empty line.

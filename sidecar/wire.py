@@ -147,16 +147,14 @@ class SSEDecoder:
                 return [buffer[6:first]]
             payload = _event_data(buffer[:first])
             return [payload] if payload is not None else []
-        end = buffer.find(b"\n\n")
+        blocks = buffer.split(b"\n\n")
+        self._buffer = blocks.pop()  # the start of an event still coming, or b""
         events: list[bytes] = []
-        start = 0
-        while end >= 0:
-            payload = _event_data(buffer[start:end])
-            if payload is not None:
+        for block in blocks:
+            if block.startswith(b"data: ") and 10 not in block:
+                events.append(block[6:])
+            elif (payload := _event_data(block)) is not None:
                 events.append(payload)
-            start = end + 2
-            end = buffer.find(b"\n\n", start)
-        self._buffer = buffer[start:]
         return events
 
     @property
@@ -191,7 +189,12 @@ def has_content(chunk: Mapping[str, Any]) -> bool:
             return True
         delta = choice.get("delta")
         if isinstance(delta, dict):
-            for key in ("content", "tool_calls", "refusal", "function_call", "reasoning_content"):
-                if delta.get(key):
+            for key, value in delta.items():  # a role chunk's delta has two keys, not five
+                if value and key in _CONTENT_KEYS:
                     return True
     return False
+
+
+_CONTENT_KEYS = frozenset(
+    ("content", "tool_calls", "refusal", "function_call", "reasoning_content")
+)
