@@ -166,9 +166,7 @@ class _Connection(asyncio.Protocol):
             if self._feed:
                 data = bytes(self._feed)
                 self._feed.clear()
-                if self._paused and self.transport is not None:
-                    self._paused = False
-                    self.transport.resume_reading()
+                self.set_reading(True)
                 return data
             if self._error is not None:
                 raise self._error
@@ -265,9 +263,8 @@ class _Connection(asyncio.Protocol):
                 self._sink.on_data(data)
                 return
             self._feed += data
-            if len(self._feed) > _FEED_HIGH_WATER and not self._paused and self.transport:
-                self._paused = True  # a slow client: stop reading until it catches up
-                self.transport.pause_reading()
+            if len(self._feed) > _FEED_HIGH_WATER:
+                self.set_reading(False)  # a slow client: stop reading until it catches up
             self._wake()
         else:
             self._parts.append(data)
