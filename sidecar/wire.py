@@ -151,9 +151,7 @@ class SSEDecoder:
         self._buffer = blocks.pop()  # the start of an event still coming, or b""
         events: list[bytes] = []
         for block in blocks:
-            if block.startswith(b"data: ") and 10 not in block:
-                events.append(block[6:])
-            elif (payload := _event_data(block)) is not None:
+            if (payload := _event_data(block)) is not None:
                 events.append(payload)
         return events
 
