@@ -100,7 +100,7 @@ class OpenStream:
     """A stream past its commit point: held events to send first, then ``next_payload()``."""
 
     target: Target
-    response: aiohttp.ClientResponse | H1Response
+    response: H1Response
     held: list[tuple[bytes, dict[str, Any]]]
     attempts: list[Attempt]
     idle_timeout_s: float
@@ -349,7 +349,7 @@ class Relay:
     def reader(
         self,
         target: Target,
-        response: aiohttp.ClientResponse | H1Response,
+        response: H1Response,
         attempts: list[Attempt],
     ) -> OpenStream:
         """An ``OpenStream`` over an SSE response, not yet on the idle clock (the Responses

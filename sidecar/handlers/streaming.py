@@ -32,7 +32,7 @@ async def relay_stream(outlet: Outlet, exchange: Exchange, stream: OpenStream) -
             if out is not None:
                 batch.append(out)
         pushed = outlet.pushed()
-        if pushed is not None and isinstance(stream.response, H1Response):
+        if pushed is not None:
             outcome = await _push(pushed, stream.response, events, batch)
         else:
             outcome = await _pull(outlet, stream, events, batch)
