@@ -7,10 +7,11 @@ never delivers an unrecorded answer, even under SIGKILL.
 
 Lines queued while a write or fsync runs go out together in the next write (group commit), and
 every write, fsync and rename runs on one I/O thread, never on the event loop. Under
-``fsync = "interval"`` the fsync that comes due goes with the next write, so steady load cannot
-put it off. A write or fsync error makes the ledger unavailable (handlers answer 503
-``ledger_unavailable``) until the file can be written again: the ledger reopens it, repairs its
-tail and probes the disk every ``retry_s``.
+``fsync = "interval"`` the fsync that comes due runs right after the next write, so steady load
+cannot put it off; that write's callers are settled before it starts, as their lines are already
+in the OS (only ``always`` promises a line on disk). A write or fsync error makes the ledger
+unavailable (handlers answer 503 ``ledger_unavailable``) until the file can be written again:
+the ledger reopens it, repairs its tail and probes the disk every ``retry_s``.
 
 After a rotation, the rotated file's summary (``ledger_summary``) is written by a task of its
 own in a worker thread, so appends never wait for it; failing to write one is only a warning.
@@ -204,7 +205,7 @@ class Ledger:
         self._io: IoThread | None = None
         self._busy = False  # a job runs on the I/O thread
         self._kicked = False  # _kick is scheduled
-        self._sync_due = False  # the interval fsync goes with the next job
+        self._sync_due = False  # the interval fsync follows the next write
         self._sync_timer: asyncio.TimerHandle | None = None
         self._retry_timer: asyncio.TimerHandle | None = None
         self._drained: asyncio.Future[None] | None = None  # close() waits on it
@@ -302,10 +303,13 @@ class Ledger:
         elif self._pending:
             batch, self._pending = self._pending, []
             lines, head = self._chain(batch)
-            sync = self._sync_due or self._config.fsync == "always"
-            done = partial(self._written, batch, head, sync, self._now())
+            always = self._config.fsync == "always"
+            sync_after = self._sync_due and not always
+            done = partial(self._written, batch, head, always, sync_after, self._now())
             self._busy = True
-            self._io.submit(self._write_sync, (lines, sync), done)
+            self._io.submit(self._write_sync, (lines, always), done)
+            if sync_after:  # the thread fsyncs while the loop settles the write's callers
+                self._io.submit(self._sync_sync, (), self._synced)
         elif self._sync_due:
             if self._dirty:
                 self._busy = True
@@ -326,25 +330,26 @@ class Ledger:
         batch: list[_Item],
         head: str,
         synced: bool,
+        sync_after: bool,
         started: float,
-        sync_error: OSError | None,
+        _result: object,
         error: BaseException | None,
     ) -> None:
+        """A write is done; with ``sync_after`` its fsync runs on, and ``_synced`` ends the job."""
         if error is None:
             self._resolve(batch)
             self._last_hash = head
             if synced:
                 self._sync_due = False
                 self._last_sync = self._now()
-            if sync_error is not None:
-                self._fail(sync_error)
             if self._observe is not None:
                 self._observe(self._now() - started)
         else:
             failed = error if isinstance(error, _WriteFailed) else _WriteFailed(0, error)
             self._fail(failed.cause)
             self._resolve(batch, failed.written)
-        self._finished()
+        if not sync_after:
+            self._finished()
 
     def _synced(self, _result: object, error: BaseException | None) -> None:
         if error is not None:
@@ -541,10 +546,10 @@ class Ledger:
             os.close(fd)
         return line_hash(last) if last is not None else GENESIS
 
-    def _write_sync(self, lines: list[bytes], sync: bool) -> OSError | None:
-        """Write ``lines`` (rotating as needed), then fsync if ``sync``. A failed write raises
-        ``_WriteFailed``. A failed fsync does too under ``fsync = "always"``, whose callers were
-        promised an fsynced line; under ``interval`` it is returned, as the lines are written."""
+    def _write_sync(self, lines: list[bytes], sync: bool) -> None:
+        """Write ``lines`` (rotating as needed), then fsync if ``sync`` (``fsync = "always"``,
+        whose callers were promised an fsynced line). A failed write or fsync raises
+        ``_WriteFailed``."""
         written = 0
         group: list[bytes] = []
         pending = 0
@@ -561,15 +566,11 @@ class Ledger:
             self._write_group(b"".join(group))
         except OSError as exc:
             raise _WriteFailed(written, exc) from exc
-        if not sync:
-            return None
-        try:
-            self._sync_sync()
-        except OSError as exc:
-            if self._config.fsync == "always":
+        if sync:
+            try:
+                self._sync_sync()
+            except OSError as exc:
                 raise _WriteFailed(written, exc) from exc
-            return exc
-        return None
 
     def _write_group(self, data: bytes) -> None:
         if not data:

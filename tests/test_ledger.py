@@ -3,6 +3,7 @@ import errno
 import hashlib
 import os
 import stat
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
@@ -52,6 +53,7 @@ class Seams:
         self.fail_fsync = False
         self.fsyncs = 0
         self.write_delay_s = 0.0  # each write blocks the I/O thread this long
+        self.fsync_gate: threading.Event | None = None  # each fsync waits for it
 
     def write(self, fd: int, data: bytes) -> int:
         time.sleep(self.write_delay_s)
@@ -64,6 +66,8 @@ class Seams:
         return os.write(fd, data)
 
     def fsync(self, fd: int) -> None:
+        if self.fsync_gate is not None:
+            self.fsync_gate.wait(5.0)
         if self.fail_fsync:
             raise OSError(errno.EIO, "Input/output error")
         self.fsyncs += 1
@@ -164,6 +168,35 @@ async def test_interval_fsync_happens_while_appends_never_stop(
     assert seams.fsyncs >= 3, f"{seams.fsyncs} fsyncs in 300 ms of appends at a 20 ms interval"
     await ledger.close()
     assert len(read_chain(ledger.path)) > 8
+
+
+async def test_an_interval_fsync_does_not_hold_the_write_it_follows(
+    make_ledger: Callable[..., Ledger],
+) -> None:
+    """Under ``interval`` a caller waits for its line to reach the OS, not the disk: the due
+    fsync runs after the write it follows, and only lines queued after it wait for it."""
+    seams = Seams()
+    ledger = make_ledger(fsync="interval", fsync_interval_ms=10, seams=seams)
+    await ledger.open()
+    await ledger.append(record(1))  # the file is dirty: an fsync is due 10 ms after open
+    seams.write_delay_s = 0.1
+    second = asyncio.create_task(ledger.append(record(2)))
+    await asyncio.sleep(0.05)  # the fsync came due while the second write runs
+    seams.write_delay_s = 0.0
+    seams.fsync_gate = gate = threading.Event()
+    fsyncs = seams.fsyncs
+    try:
+        third = asyncio.create_task(ledger.append(record(3)))  # its write carries the fsync
+        await second
+        await asyncio.wait_for(third, 2.0)  # times out if the caller waits for the fsync
+        fourth = asyncio.create_task(ledger.append(record(4)))
+        await asyncio.sleep(0.05)
+        assert not fourth.done(), "a line was written while the fsync before it still ran"
+    finally:
+        gate.set()
+    await fourth
+    assert seams.fsyncs > fsyncs
+    assert [r["request_id"] for r in read_chain(ledger.path)] == [f"req-{i}" for i in range(1, 5)]
 
 
 def test_the_chain_holds_when_appends_meet_the_fsync_timer(tmp_path: Path) -> None:
