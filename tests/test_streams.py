@@ -410,6 +410,25 @@ async def test_events_that_arrive_together_are_forwarded_in_one_write(
     assert line["outcome"] == "ok"
 
 
+async def test_a_stream_whose_ledger_line_cannot_be_written_never_gets_its_done(
+    start_sidecar, make_settings, fake_upstream
+):
+    """The line is begun in the read that ends the stream; when the ledger refuses it there,
+    the client's stream is cut before ``[DONE]``: no answer goes out unrecorded."""
+    sidecar, alpha, _ = await pair(start_sidecar, make_settings, fake_upstream)
+    upstream = Gated(_event(_content("A")), _event(_content("B", "stop")))
+    alpha.script(upstream)
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{sidecar.base_url}/v1/chat/completions", json=STREAM) as resp:
+            chunks = await _http_chunks_until(resp, b'"A"')
+            await sidecar.runtime.ledger.close()
+            upstream.gate.set()
+            with pytest.raises(aiohttp.ClientPayloadError):
+                chunks += [await resp.content.read()]
+    assert b"[DONE]" not in b"".join(chunks)
+    assert sidecar.ledger_lines() == []
+
+
 async def test_an_event_followed_by_a_keep_alive_is_not_held_for_the_next_read(
     start_sidecar, make_settings, fake_upstream
 ):
