@@ -264,10 +264,6 @@ class Ledger:
     async def append(self, record: Mapping[str, Any]) -> None:
         """Append ``record`` as a line that starts with ``v`` and ``ts`` and ends with ``prev``
         (so ``record`` holds none of those three); see the module docstring."""
-        await self.enqueue(record)
-
-    def enqueue(self, record: Mapping[str, Any]) -> asyncio.Future[None]:
-        """``append`` without the wait: the future is done once the line is written."""
         if self._loop is None or self._closing:
             raise LedgerUnavailable("the ledger is not open; requests are refused until it is")
         if not record:
@@ -277,7 +273,7 @@ class Ledger:
         self._pending.append((self._stamp().encode(), body[1:-1], future))
         if not self._busy:
             self._schedule()
-        return future
+        await future
 
     # -- jobs: started on the loop, run on the I/O thread, completed on the loop -------------
 

@@ -413,8 +413,8 @@ async def test_events_that_arrive_together_are_forwarded_in_one_write(
 async def test_a_stream_whose_ledger_line_cannot_be_written_never_gets_its_done(
     start_sidecar, make_settings, fake_upstream
 ):
-    """The line is begun in the read that ends the stream; when the ledger refuses it there,
-    the client's stream is cut before ``[DONE]``: no answer goes out unrecorded."""
+    """When the ledger refuses the line at the stream's end, the client's stream is cut
+    before ``[DONE]``: no answer goes out unrecorded."""
     sidecar, alpha, _ = await pair(start_sidecar, make_settings, fake_upstream)
     upstream = Gated(_event(_content("A")), _event(_content("B", "stop")))
     alpha.script(upstream)

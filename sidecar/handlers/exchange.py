@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -126,12 +125,6 @@ class StreamTally:
 async def record_stream_end(
     exchange: Exchange, target: Target, attempts: list[Attempt], outcome: str, tally: StreamTally
 ) -> None:
-    await begin_stream_record(exchange, target, attempts, outcome, tally).written()
-
-
-def begin_stream_record(
-    exchange: Exchange, target: Target, attempts: list[Attempt], outcome: str, tally: StreamTally
-) -> LineInFlight:
     """A stream's one line: billed when it completed, else unbilled with its usage estimated."""
     if tally.usage is not None:
         usage, source = tally.usage, "reported"
@@ -144,18 +137,19 @@ def begin_stream_record(
     cost = billing.cost(usage, target.spec, exchange.runtime.fee_rate)
     if outcome == "ok":
         exchange.spent = cost.total
-        return begin_record(exchange, target, attempts, 200, outcome, usage, source, cost)
-    return begin_record(
-        exchange,
-        target,
-        attempts,
-        200,
-        outcome,
-        usage,
-        source,
-        billing.ZERO,
-        estimated=cost.total,
-    )
+        await record(exchange, target, attempts, 200, outcome, usage, source, cost)
+    else:
+        await record(
+            exchange,
+            target,
+            attempts,
+            200,
+            outcome,
+            usage,
+            source,
+            billing.ZERO,
+            estimated=cost.total,
+        )
 
 
 def ensure_ledger(runtime: Runtime) -> None:
@@ -194,95 +188,10 @@ async def record(
     """Write the request's one ledger line and return its ``total_usd`` (the
     ``X-TokenHub-Cost-USD`` header). ``billable`` defaults to ``outcome == "ok"`` (a video
     create or poll is ``ok`` yet unbilled: only the response showing the job completed bills)."""
-    fields, total_usd = _line(
-        exchange, target, attempts, status, outcome, usage, usage_source, cost, saved, estimated
-    )
-    if billable is not None:
-        fields["billable"] = billable
     runtime = exchange.runtime
-    await runtime.ledger.append(fields)
-    _count_after(exchange, target, attempts, cost, saved)
-    return total_usd
-
-
-class LineInFlight:
-    """A request's ledger line, handed to the ledger and not yet known to be written."""
-
-    __slots__ = ("_written", "total_usd", "_exchange", "_target", "_attempts", "_cost", "_saved")
-
-    def __init__(
-        self,
-        written: asyncio.Future[None],
-        total_usd: str,
-        exchange: Exchange,
-        target: Target,
-        attempts: list[Attempt],
-        cost: Cost,
-        saved: Decimal | None,
-    ) -> None:
-        self._written = written
-        self.total_usd = total_usd
-        self._exchange = exchange
-        self._target = target
-        self._attempts = attempts
-        self._cost = cost
-        self._saved = saved
-
-    async def written(self) -> str:
-        """Once the line is in the file: its ``total_usd``. Raises ``LedgerUnavailable`` if it
-        cannot be written."""
-        await self._written
-        _count_after(self._exchange, self._target, self._attempts, self._cost, self._saved)
-        return self.total_usd
-
-    def abandon(self) -> None:
-        """Nobody will wait for the line (the client went away): it is written all the same,
-        and a failure to write it is the ledger's to report, not this request's."""
-        self._written.add_done_callback(_retrieved)
-
-
-def _retrieved(future: asyncio.Future[None]) -> None:
-    if not future.cancelled():
-        future.exception()
-
-
-def begin_record(
-    exchange: Exchange,
-    target: Target,
-    attempts: list[Attempt],
-    status: int,
-    outcome: str,
-    usage: Usage,
-    usage_source: str,
-    cost: Cost,
-    *,
-    estimated: Decimal | None = None,
-) -> LineInFlight:
-    """Hand the request's one ledger line to the ledger (see ``record``) without waiting: a
-    stream starts its line in the read that ended it, not a task wake-up later."""
-    fields, total_usd = _line(
-        exchange, target, attempts, status, outcome, usage, usage_source, cost, None, estimated
-    )
-    written = exchange.runtime.ledger.enqueue(fields)
-    return LineInFlight(written, total_usd, exchange, target, attempts, cost, None)
-
-
-def _line(
-    exchange: Exchange,
-    target: Target,
-    attempts: list[Attempt],
-    status: int,
-    outcome: str,
-    usage: Usage,
-    usage_source: str,
-    cost: Cost,
-    saved: Decimal | None,
-    estimated: Decimal | None,
-) -> tuple[dict[str, Any], str]:
-    """The request's ledger fields (marking it recorded) and their ``total_usd``."""
     exchange.recorded = True
     fees = cost.ledger_fields()
-    fields: dict[str, Any] = {
+    record: dict[str, Any] = {
         "request_id": exchange.info.request_id,
         "endpoint": exchange.surface.endpoint,
         "requested": exchange.requested,
@@ -293,7 +202,7 @@ def _line(
         "stream": exchange.stream,
         "status": status,
         "outcome": outcome,
-        "billable": outcome == "ok",
+        "billable": outcome == "ok" if billable is None else billable,
         "attempts": [a.ledger_fields() for a in attempts],
         "usage": usage.ledger_fields(),
         "usage_source": usage_source,
@@ -302,22 +211,13 @@ def _line(
         "latency_ms": int((time.monotonic() - exchange.started) * 1000),
     }
     if estimated is not None and outcome != "ok":
-        fields["estimated_usd"] = billing.usd(estimated)
-    return fields, fees["total_usd"]
-
-
-def _count_after(
-    exchange: Exchange,
-    target: Target,
-    attempts: list[Attempt],
-    cost: Cost,
-    saved: Decimal | None,
-) -> None:
-    """Counted once the loop turns, which is after the answer (or its last event) went out."""
-    runtime = exchange.runtime
+        record["estimated_usd"] = billing.usd(estimated)
+    await runtime.ledger.append(record)
+    # Counted once the loop turns, which is after the answer (or its last event) went out.
     runtime.loop.call_soon(
         _count_metrics, runtime.metrics, target, attempts, exchange.stream, cost.total, saved
     )
+    return fees["total_usd"]
 
 
 def attempt_outcome(attempt: Attempt) -> str:

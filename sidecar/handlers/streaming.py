@@ -15,14 +15,7 @@ from ..relay import OpenStream
 from ..replay import StreamAssembler
 from ..upstream import UpstreamError
 from .context import Outlet, PushOutlet
-from .exchange import (
-    Exchange,
-    LineInFlight,
-    StreamTally,
-    begin_stream_record,
-    record_stream_end,
-    store_answer,
-)
+from .exchange import Exchange, StreamTally, record_stream_end, store_answer
 
 
 async def relay_stream(outlet: Outlet, exchange: Exchange, stream: OpenStream) -> None:
@@ -47,45 +40,24 @@ async def relay_stream(outlet: Outlet, exchange: Exchange, stream: OpenStream) -
         await _finish_stream(exchange, stream, outlet, outcome, events, batch)
     except (ConnectionError, asyncio.CancelledError):
         stream.close()
-        if events.line is not None:  # a client gone after the line was begun keeps that line
-            events.line.abandon()
-        elif not exchange.recorded:
+        if not exchange.recorded:  # a client gone after the line was written keeps that line
             stream.attempts[-1].reason = "client cancelled"
-            await asyncio.shield(
-                record_stream_end(
-                    exchange, stream.target, stream.attempts, "client_cancelled", events.tally
-                )
-            )
-        raise
-    except Exception:  # the ledger closed under the stream, or a bug: the upstream goes too
-        stream.close()
+            await asyncio.shield(_record_stream(exchange, stream, "client_cancelled", events.tally))
         raise
 
 
 class _Events:
     """What one stream's events add up to, and what each one sends on."""
 
-    __slots__ = ("exchange", "stream", "tally", "assembler", "wants_usage", "line")
+    __slots__ = ("stream", "tally", "assembler", "wants_usage")
 
     def __init__(self, exchange: Exchange, stream: OpenStream) -> None:
-        self.exchange = exchange
         self.stream = stream
         self.tally = StreamTally()
         self.assembler = (
             StreamAssembler() if exchange.decision.store and exchange.cache_key else None
         )
         self.wants_usage = wire.wants_usage(exchange.body)
-        self.line: LineInFlight | None = None
-
-    def begin_line(self, outcome: str) -> LineInFlight:
-        """The stream ended with ``outcome``: its ledger line, begun at the first call (on the
-        lean front, in the read that ended the stream)."""
-        if self.line is None:
-            stream = self.stream
-            self.line = begin_stream_record(
-                self.exchange, stream.target, stream.attempts, outcome, self.tally
-            )
-        return self.line
 
     def relay(self, payload: bytes, batch: list[bytes]) -> str | None:
         """One upstream event: what the client gets of it goes on ``batch``. Returns the
@@ -173,36 +145,24 @@ class _Pump:
             for payload in events.stream.decode(data):
                 outcome = events.relay(payload, batch)
                 if outcome is not None:
-                    break
-            else:
-                if batch:
-                    self.send()
-                return
+                    done.set_result(outcome)
+                    return
+            if batch:
+                self.send()
         except UpstreamError as exc:
-            outcome = events.cut(exc.reason)
+            done.set_result(events.cut(exc.reason))
         except Exception as exc:  # the client went away, or a bug: relay_stream raises it
             done.set_exception(exc)
-            return
-        self._end(outcome)
 
     def on_end(self, error: Exception | None) -> None:
         if self.done.done():
             return
-        events = self.events
         try:
-            events.stream.ended(error)
+            self.events.stream.ended(error)
         except UpstreamError as exc:
-            self._end(events.cut(exc.reason))
+            self.done.set_result(self.events.cut(exc.reason))
         else:
-            self._end("stream_cut")  # a clean end without [DONE]
-
-    def _end(self, outcome: str) -> None:
-        try:
-            self.events.begin_line(outcome)
-        except Exception as exc:  # the ledger is closed: relay_stream raises it
-            self.done.set_exception(exc)
-        else:
-            self.done.set_result(outcome)
+            self.done.set_result("stream_cut")  # a clean end without [DONE]
 
     def send(self) -> None:
         data = b"".join(self.batch)
@@ -260,7 +220,7 @@ async def _finish_stream(
     unsent: list[bytes],
 ) -> None:
     """Record the stream, then send what is left, its last event and the end in one write."""
-    await events.begin_line(outcome).written()
+    await _record_stream(exchange, stream, outcome, events.tally)
     if outcome == "ok":
         unsent.append(wire.SSE_DONE)
         if events.assembler is not None:
@@ -270,3 +230,9 @@ async def _finish_stream(
     else:
         unsent.append(wire.STREAM_INTERRUPTED)
     await outlet.write_eof(b"".join(unsent))
+
+
+async def _record_stream(
+    exchange: Exchange, stream: OpenStream, outcome: str, tally: StreamTally
+) -> None:
+    await record_stream_end(exchange, stream.target, stream.attempts, outcome, tally)
