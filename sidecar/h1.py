@@ -369,7 +369,11 @@ class _Connection(asyncio.Protocol):
         stop = line_end + 2 + size
         if len(data) != stop + 2 or not data.endswith(b"\r\n"):
             return False
-        self._take(data[line_end + 2 : stop])
+        sink = self._sink
+        if sink is not None:
+            sink.on_data(data[line_end + 2 : stop])
+        else:
+            self._take(data[line_end + 2 : stop])
         return True
 
     def _read_chunks(self) -> None:

@@ -126,15 +126,15 @@ class SSEDecoder:
     Comment lines (``:``) and other fields are ignored but kept in the raw bytes.
     """
 
-    __slots__ = ("_buffer",)
+    __slots__ = ("pending",)
 
     def __init__(self) -> None:
-        self._buffer = b""
+        self.pending = b""  # the start of an event still coming
 
     def feed(self, data: bytes) -> list[bytes]:
         """Each complete event's data payload, in order; events without data (comments,
         keep-alives) yield nothing."""
-        buffer = self._buffer + data if self._buffer else data
+        buffer = self.pending + data if self.pending else data
         # ``13 in buffer`` tests a byte value: half the cost of ``find(b"\r")``, and a bytes
         # needle with ``in`` is worse (see Redactor.may_leak). A read that is one one-line event
         # then needs a single scan, for its first newline.
@@ -142,22 +142,18 @@ class SSEDecoder:
             buffer = buffer.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         first = buffer.find(10)
         if first == len(buffer) - 2 and buffer[-1] == 10:  # one one-line event, as most reads
-            self._buffer = b""
+            self.pending = b""
             if buffer.startswith(b"data: "):
                 return [buffer[6:first]]
             payload = _event_data(buffer[:first])
             return [payload] if payload is not None else []
         blocks = buffer.split(b"\n\n")
-        self._buffer = blocks.pop()  # the start of an event still coming, or b""
+        self.pending = blocks.pop()  # the start of an event still coming, or b""
         events: list[bytes] = []
         for block in blocks:
             if (payload := _event_data(block)) is not None:
                 events.append(payload)
         return events
-
-    @property
-    def pending(self) -> bytes:
-        return self._buffer
 
 
 def _event_data(block: bytes) -> bytes | None:
