@@ -258,10 +258,10 @@ class _Connection(asyncio.Protocol):
     def _take(self, data: bytes) -> None:
         if not data:
             return
-        if self._stream:
-            if self._sink is not None:
-                self._sink.on_data(data)
-                return
+        sink = self._sink  # set only for a pushed stream: its reads take no other step
+        if sink is not None:
+            sink.on_data(data)
+        elif self._stream:
             self._feed += data
             if len(self._feed) > _FEED_HIGH_WATER:
                 self.set_reading(False)  # a slow client: stop reading until it catches up
@@ -369,11 +369,7 @@ class _Connection(asyncio.Protocol):
         stop = line_end + 2 + size
         if len(data) != stop + 2 or not data.endswith(b"\r\n"):
             return False
-        sink = self._sink
-        if sink is not None:
-            sink.on_data(data[line_end + 2 : stop])
-        else:
-            self._take(data[line_end + 2 : stop])
+        self._take(data[line_end + 2 : stop])
         return True
 
     def _read_chunks(self) -> None:
