@@ -378,6 +378,11 @@ def test_parse_head_takes_only_plain_requests():
     assert head.headers["x-a"] == "b c" and head.end == len(plain) + 4 + 12
     assert head.keep_alive
     assert not parse(plain + b"\r\nConnection: close").keep_alive
+    odd = parse(plain + "\r\nX-Obs: caf\u00e9 \r\nX-Empty:\r\nX-Colon: a:b".encode() + b"\r\nX-Raw: \xff")
+    assert odd is not None
+    assert odd.headers["x-obs"] == "caf\u00e9" and odd.headers["x-empty"] == ""
+    assert odd.headers["x-colon"] == "a:b" and odd.headers["x-raw"] == "\udcff"
+    assert parse(b"POST /v1/embeddings HTTP/1.1") is None  # no Content-Length
     for refused in (
         b"\r\nContent-Length: 12",  # twice
         b"\r\nTransfer-Encoding: chunked",
@@ -385,6 +390,11 @@ def test_parse_head_takes_only_plain_requests():
         b"\r\nBad Name: x",
         b"\r\n folded",
         b"\r\nX-B: a\rb",
+        b"\r\nX-B: a\nb",
+        b"\r\nX-B: a\x7fb",
+        b"\r\n: no name",
+        b"\r\nNo-Colon",
+        b"\r\n",
     ):
         assert parse(plain + refused) is None, refused
     assert parse(plain.replace(b"12", b"1001")) is None  # over the limit: aiohttp answers 413
