@@ -378,7 +378,8 @@ def test_parse_head_takes_only_plain_requests():
     assert head.headers["x-a"] == "b c" and head.end == len(plain) + 4 + 12
     assert head.keep_alive
     assert not parse(plain + b"\r\nConnection: close").keep_alive
-    odd = parse(plain + "\r\nX-Obs: caf\u00e9 \r\nX-Empty:\r\nX-Colon: a:b".encode() + b"\r\nX-Raw: \xff")
+    odd_fields = "\r\nX-Obs: caf\u00e9 \r\nX-Empty:\r\nX-Colon: a:b".encode() + b"\r\nX-Raw: \xff"
+    odd = parse(plain + odd_fields)
     assert odd is not None
     assert odd.headers["x-obs"] == "caf\u00e9" and odd.headers["x-empty"] == ""
     assert odd.headers["x-colon"] == "a:b" and odd.headers["x-raw"] == "\udcff"
