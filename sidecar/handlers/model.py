@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from functools import partial
+from typing import Any
 
 import orjson
 from aiohttp import web
@@ -42,8 +43,11 @@ async def handle(request: web.Request, surface: Surface) -> web.StreamResponse:
     return await on_aiohttp(request, partial(serve, surface=surface))
 
 
-async def serve(incoming: Incoming, outlet: Outlet, surface: Surface) -> WholeResponse | None:
-    """Answer one model request: whole (returned), or streamed through ``outlet`` (None)."""
+async def serve(
+    incoming: Incoming, outlet: Outlet, surface: Surface, parsed: dict[str, Any] | None = None
+) -> WholeResponse | None:
+    """Answer one model request: whole (returned), or streamed through ``outlet`` (None).
+    ``parsed``: the body, if the caller has parsed it already."""
     runtime = incoming.runtime
     runtime.enter()
     cap = runtime.cap
@@ -51,7 +55,7 @@ async def serve(incoming: Incoming, outlet: Outlet, surface: Surface) -> WholeRe
         if not cap.try_enter():
             await cap.wait_turn()
         try:
-            exchange = _prepare(incoming, surface)
+            exchange = _prepare(incoming, surface, parsed)
             reservation = _reserve(exchange)
             try:
                 if exchange.cache_key is None or not exchange.decision.lookup:
@@ -67,12 +71,12 @@ async def serve(incoming: Incoming, outlet: Outlet, surface: Surface) -> WholeRe
         runtime.leave()
 
 
-def _prepare(incoming: Incoming, surface: Surface) -> Exchange:
+def _prepare(incoming: Incoming, surface: Surface, parsed: dict[str, Any] | None) -> Exchange:
     info = incoming.info
     runtime = incoming.runtime
     runtime.bucket.take()
     raw = incoming.body
-    body = wire.parse_object(raw)
+    body = wire.parse_object(raw) if parsed is None else parsed
     requested = wire.model_of(body)
     info.requested = requested
     wire.reject_redirecting_fields(body)

@@ -49,7 +49,7 @@ async def serve(incoming: Incoming, outlet: Outlet) -> WholeResponse | None:
     """Answer one Responses call: whole (returned), or streamed through ``outlet`` (None)."""
     body = wire.parse_object(incoming.body)
     if not wire.wants_stream(body):
-        return await model.serve(incoming, outlet, RESPONSES)
+        return await model.serve(incoming, outlet, RESPONSES, body)
     runtime = incoming.runtime
     runtime.enter()
     try:
