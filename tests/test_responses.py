@@ -274,3 +274,39 @@ async def test_a_stream_that_stalls_after_content_is_cut_on_the_relays_idle_cloc
     line = sidecar.ledger_lines()[-1]
     assert line["outcome"] == "stream_cut" and line["billable"] is False
     assert line["attempts"][-1]["reason"] == "no data between chunks within 0.3s"
+
+
+@pytest.mark.parametrize("front", ["lean", "aiohttp"])
+async def test_a_stream_ends_the_same_way_whichever_front_serves_it(
+    two: tuple[FakeUpstream, FakeUpstream, RunningSidecar], front: str
+) -> None:
+    """Pushed from the upstream's reads (the lean front) or pulled event by event (aiohttp's
+    server, here for the query string): the same events, the same ledger line, the same cuts."""
+    alpha, _, sidecar = two
+    url = f"{sidecar.base_url}/v1/responses" + ("?via=aiohttp" if front == "aiohttp" else "")
+    body = {"model": "gpt-4o-mini", "input": "hi", "stream": True}
+    events = stream_events(["Hel", "lo"])
+    failed = {"type": "response.failed", "response": {**response_body(), "status": "failed"}}
+    cases = [
+        (events, "ok", None),
+        (events[:5], "stream_cut", "stream ended without response.completed"),
+        ([*events[:5], failed], "stream_cut", "error event after content"),
+    ]
+    async with aiohttp.ClientSession() as session:
+        for sent, outcome, reason in cases:
+            alpha.script(sse(*sent, done=True))  # a [DONE] after the events is skipped
+            async with session.post(url, json=body) as resp:
+                assert ("Server" not in resp.headers) == (front == "lean")
+                raw = (await resp.read()).decode()
+            blocks = [block.split("\n") for block in raw.split("\n\n") if block]
+            got = [json.loads(lines[1].removeprefix("data: ")) for lines in blocks]
+            assert got[: len(sent)] == sent
+            line = sidecar.ledger_lines()[-1]
+            assert line["outcome"] == outcome
+            if reason is None:
+                assert len(got) == len(sent) and line["total_usd"] == expected_total(
+                    Usage(100, 50, 20)
+                )
+            else:
+                assert got[-1]["type"] == "error" and got[-1]["code"] == "stream_interrupted"
+                assert line["attempts"][-1]["reason"] == reason and line["billable"] is False

@@ -17,7 +17,7 @@ from ..h1 import H1Response
 from ..relay import OpenStream
 from ..scope import Target
 from ..upstream import Upstream, UpstreamError
-from . import model, passthrough
+from . import model, passthrough, streaming
 from .context import Incoming, Outlet, WholeResponse, on_aiohttp
 from .exchange import BYTES_PER_TOKEN, Exchange, StreamTally, Surface, record_stream_end
 from .media import walk_recorded, whole_reply
@@ -38,6 +38,7 @@ _PREAMBLE = frozenset(
     }
 )
 _FINAL = frozenset({"response.completed", "response.incomplete"})
+_ERRORS = frozenset({"error", "response.failed"})
 
 
 async def handle(request: web.Request) -> web.StreamResponse:
@@ -74,11 +75,6 @@ class _Opened:
     @property
     def target(self) -> Target:
         return self.stream.target
-
-    @property
-    def has_buffered(self) -> bool:
-        """True when ``next_event`` can answer from what was already read, without waiting."""
-        return any(payload != b"[DONE]" for payload in self.stream.pending)
 
     async def next_event(self) -> _Event | None:
         """The next event (None at the end of the body); UpstreamError on a stall or cut."""
@@ -146,7 +142,7 @@ async def _until_content(opened: _Opened, timeout_s: float) -> None:
                 if got is None:
                     raise UpstreamError("stream ended before any content")
                 event = got[1]
-                if event.get("type") in ("error", "response.failed"):
+                if event.get("type") in _ERRORS:
                     raise UpstreamError("error event before any content")
                 opened.held.append(got)
                 if is_content(event):
@@ -159,39 +155,16 @@ async def _forward(outlet: Outlet, exchange: Exchange, opened: _Opened) -> None:
     """Send the held events, then the rest, as the upstream wrote them (one write per read);
     the ledger line goes out before the last event."""
     target = opened.target
-    attempts = exchange.trail.attempts
-    headers = exchange.base_headers(target, len(attempts), "bypass")
+    headers = exchange.base_headers(target, len(exchange.trail.attempts), "bypass")
     exchange.info.status = 200
     tally = StreamTally()
     try:
         await outlet.start_stream(headers)
         batch = [_outgoing(payload, event, tally) for payload, event in opened.held]
-        outcome = "stream_cut"
-        while True:
-            if batch and not opened.has_buffered:
-                await outlet.write(b"".join(batch))
-                batch.clear()
-            try:
-                got = await opened.next_event()
-            except UpstreamError as exc:
-                attempts[-1].reason = exc.reason
-                break
-            if got is None:
-                attempts[-1].reason = "stream ended without response.completed"
-                break
-            payload, event = got
-            batch.append(_outgoing(payload, event, tally))  # sent after the line, if it is last
-            kind = event.get("type")
-            if kind in _FINAL:
-                outcome = "ok"
-                await _record(exchange, target, outcome, tally)
-                break
-            if kind in ("error", "response.failed"):
-                attempts[-1].reason = "error event after content"
-                break
+        outcome = await streaming.forward(outlet, _Events(opened.stream, tally), batch)
         opened.stream.close()
+        await _record(exchange, target, outcome, tally)
         if outcome != "ok":
-            await _record(exchange, target, outcome, tally)
             batch.append(_interrupted())
         await outlet.write_eof(b"".join(batch))
     except (ConnectionError, asyncio.CancelledError):
@@ -199,6 +172,41 @@ async def _forward(outlet: Outlet, exchange: Exchange, opened: _Opened) -> None:
         if not exchange.recorded:
             await asyncio.shield(_record(exchange, target, "client_cancelled", tally))
         raise
+
+
+class _Events:
+    """What a Responses stream's typed events mean to ``streaming.forward``: it ends well at
+    ``response.completed`` (or ``.incomplete``), which goes out after the ledger line."""
+
+    __slots__ = ("stream", "tally")
+
+    def __init__(self, stream: OpenStream, tally: StreamTally) -> None:
+        self.stream = stream
+        self.tally = tally
+
+    def relay(self, payload: bytes, batch: list[bytes]) -> str | None:
+        if payload == b"[DONE]":
+            return None
+        try:
+            event = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            return self.cut("stream event is not JSON")
+        if not isinstance(event, dict):
+            return self.cut("stream event is not a JSON object")
+        batch.append(_outgoing(payload, event, self.tally))
+        kind = event.get("type")
+        if kind in _FINAL:
+            return "ok"
+        if kind in _ERRORS:
+            return self.cut("error event after content")
+        return None
+
+    def cut(self, reason: str) -> str:
+        self.stream.attempts[-1].reason = reason
+        return "stream_cut"
+
+    def unfinished(self) -> str:
+        return self.cut("stream ended without response.completed")
 
 
 def _see(tally: StreamTally, event: dict[str, Any]) -> None:

@@ -1,11 +1,16 @@
-"""Forwarding a committed stream chunk by chunk, and its one ledger line before ``[DONE]``."""
+"""Forwarding a committed stream chunk by chunk, and its one ledger line before ``[DONE]``.
+
+``forward`` is the relay loop both streaming surfaces share: chat and completions (``_Events``
+here) and the Responses API (typed events, in ``responses.py``) differ only in what each event
+means, which their ``StreamEvents`` say.
+"""
 
 from __future__ import annotations
 
 import asyncio
 from collections import deque
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
@@ -31,11 +36,7 @@ async def relay_stream(outlet: Outlet, exchange: Exchange, stream: OpenStream) -
             out = _outgoing(held, held_chunk, events.tally, events.assembler, events.wants_usage)
             if out is not None:
                 batch.append(out)
-        pushed = outlet.pushed()
-        if pushed is not None:
-            outcome = await _push(pushed, stream.response, events, batch)
-        else:
-            outcome = await _pull(outlet, stream, events, batch)
+        outcome = await forward(outlet, events, batch)
         stream.close()
         await _finish_stream(exchange, stream, outlet, outcome, events, batch)
     except (ConnectionError, asyncio.CancelledError):
@@ -44,6 +45,33 @@ async def relay_stream(outlet: Outlet, exchange: Exchange, stream: OpenStream) -
             stream.attempts[-1].reason = "client cancelled"
             await asyncio.shield(_record_stream(exchange, stream, "client_cancelled", events.tally))
         raise
+
+
+class StreamEvents(Protocol):
+    """What one committed stream's events mean, for ``forward``."""
+
+    @property
+    def stream(self) -> OpenStream: ...
+
+    def relay(self, payload: bytes, batch: list[bytes]) -> str | None:
+        """One upstream event: what the client gets of it goes on ``batch``. Returns the
+        stream's outcome when it ends here, else None."""
+
+    def cut(self, reason: str) -> str:
+        """The outcome of a stream cut for ``reason`` (kept on its attempt)."""
+
+    def unfinished(self) -> str:
+        """The outcome of an upstream body that ended before the stream's last event."""
+
+
+async def forward(outlet: Outlet, events: StreamEvents, batch: list[bytes]) -> str:
+    """Relay a committed stream to ``outlet`` until it ends; returns its outcome. What is left
+    on ``batch`` then (the last event, when the stream ended well) is for the caller to send
+    after the ledger line."""
+    pushed = outlet.pushed()
+    if pushed is not None:
+        return await _push(pushed, events.stream.response, events, batch)
+    return await _pull(outlet, events.stream, events, batch)
 
 
 class _Events:
@@ -79,8 +107,13 @@ class _Events:
         self.stream.attempts[-1].reason = reason
         return "stream_cut"
 
+    def unfinished(self) -> str:
+        return "stream_cut"
 
-async def _pull(outlet: Outlet, stream: OpenStream, events: _Events, batch: list[bytes]) -> str:
+
+async def _pull(
+    outlet: Outlet, stream: OpenStream, events: StreamEvents, batch: list[bytes]
+) -> str:
     """Read event by event, writing each read's events at once (aiohttp's server)."""
     while True:
         if batch and not stream.has_buffered:
@@ -91,14 +124,14 @@ async def _pull(outlet: Outlet, stream: OpenStream, events: _Events, batch: list
         except UpstreamError as exc:
             return events.cut(exc.reason)
         if payload is None:
-            return "stream_cut"
+            return events.unfinished()
         outcome = events.relay(payload, batch)
         if outcome is not None:
             return outcome
 
 
 async def _push(
-    outlet: PushOutlet, response: H1Response, events: _Events, batch: list[bytes]
+    outlet: PushOutlet, response: H1Response, events: StreamEvents, batch: list[bytes]
 ) -> str:
     """Relay each read from inside the upstream's read callback (the lean front): no task
     wakes per chunk. What is left on ``batch`` at the end goes out after the ledger line."""
@@ -127,7 +160,7 @@ class _Pump:
     __slots__ = ("outlet", "response", "events", "batch", "done", "_draining")
 
     def __init__(
-        self, outlet: PushOutlet, response: H1Response, events: _Events, batch: list[bytes]
+        self, outlet: PushOutlet, response: H1Response, events: StreamEvents, batch: list[bytes]
     ) -> None:
         self.outlet = outlet
         self.response = response
@@ -162,7 +195,7 @@ class _Pump:
         except UpstreamError as exc:
             self.done.set_result(self.events.cut(exc.reason))
         else:
-            self.done.set_result("stream_cut")  # a clean end without [DONE]
+            self.done.set_result(self.events.unfinished())  # a clean end before the last event
 
     def send(self) -> None:
         data = b"".join(self.batch)
