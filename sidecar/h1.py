@@ -217,6 +217,21 @@ class _Connection(asyncio.Protocol):
         """Close at once; whoever still waits on this response hears that it was cut."""
         self._fail(BodyCut("connection closed"))
 
+    def finish(self, pool: H1Pool, grace_s: float) -> None:
+        """The reader of a stream is done (its last event came): pool this connection, now if
+        the body has ended, else when its end follows within ``grace_s``, dropping what else the
+        body brings. A body that is broken, or not over by then, drops the connection."""
+        if self.reusable():
+            pool.release(self)
+        elif self.closed or not self._expecting or not self._stream or self._error is not None:
+            self.abort()
+        else:
+            self._feed.clear()
+            self._sink = _PoolAtEnd(self, pool)
+            self.set_reading(True)
+            self._stop_timer()
+            self._timer = self._loop.call_later(grace_s, self.abort)
+
     # -- reading ---------------------------------------------------------------------------
 
     def _check_quiet(self) -> None:
@@ -437,6 +452,24 @@ class _Connection(asyncio.Protocol):
             self._deliver(data)
 
 
+class _PoolAtEnd:
+    """The sink of a stream its reader is done with: what else comes is dropped, and the
+    connection is pooled at the body's well-framed end."""
+
+    __slots__ = ("connection", "pool")
+
+    def __init__(self, connection: _Connection, pool: H1Pool) -> None:
+        self.connection = connection
+        self.pool = pool
+
+    def on_data(self, data: bytes) -> None:
+        pass
+
+    def on_end(self, error: Exception | None) -> None:
+        if error is None and self.connection.reusable():
+            self.pool.release(self.connection)
+
+
 _HEX_DIGITS: Final = b"0123456789abcdefABCDEF"
 _CHUNK_SIZE: Final = -1  # _chunk_left: a chunk size line is next
 _CHUNK_CRLF: Final = -2  # _chunk_left: the CRLF after a chunk's data is next
@@ -581,6 +614,20 @@ class H1Response:
         else:
             connection.abort()
 
+    def finish(self, grace_s: float) -> None:
+        """Like ``close()``, for a stream whose last event came (``[DONE]``, say) before its
+        body's end: the connection is pooled once that end follows, within ``grace_s``, as
+        servers that write the last event and the body's end apart let it. ``close()`` would
+        drop it, and the next request would pay a new connection (a TLS handshake, for most
+        providers)."""
+        connection, self._connection = self._connection, None
+        if connection is None:
+            return
+        if self._keep_alive:
+            connection.finish(self._pool, grace_s)
+        else:
+            connection.abort()
+
     async def __aenter__(self) -> H1Response:
         return self
 
@@ -619,6 +666,7 @@ class H1Pool:
         self._keepalive_s = keepalive_s
         self._idle: deque[_Connection] = deque()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._closed = False
 
     async def post(
         self, path: str, content_type: str, body: bytes, *, stream: bool = False
@@ -650,7 +698,11 @@ class H1Pool:
 
     def release(self, connection: _Connection) -> None:
         """Pool ``connection``, first dropping the oldest idle ones that are closed or past
-        keep-alive (a burst's connections do not linger once traffic falls)."""
+        keep-alive (a burst's connections do not linger once traffic falls). A closed pool
+        drops it (a stream finished after a reload closed its runtime's pools)."""
+        if self._closed:
+            connection.abort()
+            return
         connection.mark_idle()
         idle = self._idle
         oldest = connection.idle_since - self._keepalive_s
@@ -659,6 +711,7 @@ class H1Pool:
         idle.append(connection)
 
     def close(self) -> None:
+        self._closed = True
         while self._idle:
             self._idle.pop().abort()
 

@@ -28,6 +28,9 @@ from .wire import SSE_TYPE, SSEDecoder, has_content
 # Outcomes that say "this provider, not this request": move on to the next provider.
 FAILOVER_STATUSES = frozenset({401, 403, 404, 408, 429, 500, 502, 503, 504})
 MAX_EVENT_BYTES = 1 << 20
+# How long a stream's connection waits, after the stream's last event, for the body's end that
+# lets it be pooled; servers write that end right after the event, or not at all.
+END_GRACE_S = 1.0
 
 
 @dataclass(slots=True)
@@ -160,6 +163,13 @@ class OpenStream:
         if self.watch is not None:
             self.watch.forget(self)
         self.response.close()
+
+    def finish(self) -> None:
+        """The stream's last event came: its connection goes back to the pool when the body's
+        end follows within ``END_GRACE_S`` (``close()`` drops it)."""
+        if self.watch is not None:
+            self.watch.forget(self)
+        self.response.finish(END_GRACE_S)
 
 
 def _last_data(stream: OpenStream) -> float:

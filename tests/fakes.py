@@ -65,6 +65,7 @@ class Recorded:
     path: str
     headers: CIMultiDict[str]
     body: bytes
+    peer: Any = None  # the client's (host, port): requests on one connection share it
 
     @property
     def json(self) -> Any:
@@ -352,6 +353,7 @@ class Sse:
     events: Sequence[Mapping[str, Any] | bytes | str]
     done: bool = True
     chunk_delay_s: float = 0
+    end_delay_s: float = 0  # between the last event and the body's end (its last chunk)
 
     async def respond(self, request: web.Request, fake: FakeUpstream) -> web.StreamResponse:
         async with fake.streaming():
@@ -362,6 +364,8 @@ class Sse:
                 await response.write(_sse(event))
             if self.done:
                 await response.write(b"data: [DONE]\n\n")
+            if self.end_delay_s:
+                await asyncio.sleep(self.end_delay_s)
             await response.write_eof()
             return response
 
@@ -412,8 +416,10 @@ def garbage(body: bytes | None = None) -> Garbage:
     return Garbage() if body is None else Garbage(body)
 
 
-def sse(*events: Mapping[str, Any] | bytes | str, done: bool = True) -> Sse:
-    return Sse(events, done=done)
+def sse(
+    *events: Mapping[str, Any] | bytes | str, done: bool = True, end_delay_s: float = 0
+) -> Sse:
+    return Sse(events, done=done, end_delay_s=end_delay_s)
 
 
 def cut_before_content(**knobs: Any) -> Ok:
@@ -527,8 +533,13 @@ class FakeUpstream:
         return self._script.popleft() if self._script else self.default
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
+        transport = request.transport
         recorded = Recorded(
-            request.method, request.path, CIMultiDict(request.headers), await request.read()
+            request.method,
+            request.path,
+            CIMultiDict(request.headers),
+            await request.read(),
+            transport.get_extra_info("peername") if transport is not None else None,
         )
         self.requests.append(recorded)
         request[RECORDED] = recorded

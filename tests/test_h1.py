@@ -590,3 +590,56 @@ async def test_a_whole_looking_read_that_is_not_a_chunk_cuts_the_stream(
                 received += await asyncio.wait_for(response.readany(), 0.5)
     assert received == b"data: 1\n\n" + passed_on
     pool.close()
+
+
+async def test_a_finished_stream_is_pooled_once_its_end_follows(upstream: RawUpstream) -> None:
+    """``finish()`` after the last event: what else the body brings is dropped, and the
+    connection is pooled at the body's end (``close()`` would drop it)."""
+    pool = pool_for(upstream.url())
+    late = chunk(b"data: late\n\n") + b"0\r\n\r\n"
+    upstream.replies.append([STREAM_HEAD + chunk(b"data: [DONE]\n\n"), 0.2, late])
+    response = await pool.post("/chat/completions", "application/json", b"{}", stream=True)
+    assert await response.readany() == b"data: [DONE]\n\n"
+    response.finish(2.0)
+    with pytest.raises(BodyCut):
+        await response.readany()  # the response is over for its reader
+    await asyncio.sleep(0.4)
+    assert await post(pool) == (200, b'{"ok":true}')
+    assert upstream.connections == 1
+    pool.close()
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        pytest.param([STREAM_HEAD + chunk(b"data: [DONE]\n\n"), 5.0], id="end never comes"),
+        pytest.param([STREAM_HEAD + chunk(b"data: [DONE]\n\n"), 0.05, CLOSE], id="cut"),
+        pytest.param(
+            [STREAM_HEAD.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n"), 0.05],
+            id="not keep-alive",
+        ),
+    ],
+)
+async def test_a_finished_stream_whose_end_does_not_come_well_is_dropped(
+    upstream: RawUpstream, reply: list[Step]
+) -> None:
+    pool = pool_for(upstream.url())
+    upstream.replies.append(reply)
+    response = await pool.post("/chat/completions", "application/json", b"{}", stream=True)
+    response.finish(0.2)
+    await asyncio.sleep(0.5)
+    assert await post(pool) == (200, b'{"ok":true}')
+    assert upstream.connections == 2
+    pool.close()
+
+
+async def test_a_closed_pool_takes_no_connection_back(upstream: RawUpstream) -> None:
+    """A stream that finishes after its pool was closed (a reload) drops its connection."""
+    pool = pool_for(upstream.url())
+    upstream.replies.append([STREAM_HEAD + chunk(b"data: [DONE]\n\n"), 0.1, b"0\r\n\r\n"])
+    response = await pool.post("/chat/completions", "application/json", b"{}", stream=True)
+    response.finish(2.0)
+    pool.close()
+    await asyncio.sleep(0.3)
+    assert upstream.connections == 1
+    assert not pool._idle

@@ -17,7 +17,7 @@ from sidecar.billing import Usage
 from sidecar.config import Settings
 
 from .conftest import PRICES, Pair, RunningSidecar, provider
-from .fakes import FakeUpstream, Gated, sse, status
+from .fakes import FakeUpstream, Gated, Sse, sse, status
 
 MODELS = {"gpt-4o-mini": {"upstream": "up-mini", **PRICES}}
 USAGE = {
@@ -310,3 +310,21 @@ async def test_a_stream_ends_the_same_way_whichever_front_serves_it(
             else:
                 assert got[-1]["type"] == "error" and got[-1]["code"] == "stream_interrupted"
                 assert line["attempts"][-1]["reason"] == reason and line["billable"] is False
+
+
+async def test_a_completed_stream_leaves_its_upstream_connection_pooled(
+    two: tuple[FakeUpstream, FakeUpstream, RunningSidecar],
+) -> None:
+    """The body's end may follow ``response.completed`` a moment later: the connection is
+    pooled all the same, and the next stream reuses it."""
+    alpha, _, sidecar = two
+    events = stream_events(["Hel", "lo"])
+    alpha.script(Sse(events, done=False, end_delay_s=0.2), Sse(events, done=False))
+    for _ in range(2):
+        stream = await sidecar.client().responses.create(
+            model="gpt-4o-mini", input="hi", stream=True
+        )
+        assert [event.type async for event in stream][-1] == "response.completed"
+        await asyncio.sleep(0.3)
+    first, second = alpha.requests
+    assert first.peer is not None and first.peer == second.peer

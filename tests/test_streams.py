@@ -461,3 +461,41 @@ async def test_an_event_whose_data_spans_several_lines_reaches_the_sdk_whole(
     )
     seen = [c.choices[0].delta.content async for c in stream if c.choices]
     assert seen == ["A", "B"]
+
+
+@pytest.mark.parametrize("end_delay_s", [0.0, 0.2])
+async def test_a_stream_that_ends_well_leaves_its_upstream_connection_pooled(
+    start_sidecar, make_settings, fake_upstream, end_delay_s
+):
+    """A server may end the body a moment after ``[DONE]`` (aiohttp's writes the last chunk
+    apart): the connection still goes back to the pool, and the next stream needs no new one
+    (with TLS, no new handshake)."""
+    sidecar, alpha, _ = await pair(start_sidecar, make_settings, fake_upstream)
+    events = [ROLE_ONLY, _content("A"), _content("B", "stop")]
+    alpha.script(Sse(events, end_delay_s=end_delay_s), Sse(events))
+    for _ in range(2):
+        status_code, _, got = await read_events(sidecar, STREAM)
+        assert status_code == 200 and got[-1] == "[DONE]" and text_of(got) == "AB"
+        await asyncio.sleep(end_delay_s + 0.1)  # the first body's end has reached the sidecar
+    first, second = alpha.requests
+    assert first.peer is not None and first.peer == second.peer
+    assert [line["outcome"] for line in sidecar.ledger_lines()] == ["ok", "ok"]
+
+
+async def test_a_stream_whose_body_never_ends_after_done_drops_its_connection(
+    start_sidecar, make_settings, fake_upstream
+):
+    """The wait for the body's end after ``[DONE]`` is bounded (``relay.END_GRACE_S``): a
+    server that never ends it loses the connection, and the next stream opens a new one."""
+    sidecar, alpha, _ = await pair(start_sidecar, make_settings, fake_upstream)
+    events = [ROLE_ONLY, _content("A", "stop")]
+    alpha.script(Sse(events, end_delay_s=30), Sse(events))
+    status_code, _, got = await read_events(sidecar, STREAM)
+    assert status_code == 200 and got[-1] == "[DONE]"
+    async with asyncio.timeout(10):
+        while alpha.open_connections:
+            await asyncio.sleep(0.05)
+    status_code, _, got = await read_events(sidecar, STREAM)
+    assert status_code == 200 and got[-1] == "[DONE]"
+    first, second = alpha.requests
+    assert first.peer != second.peer

@@ -162,7 +162,10 @@ async def _forward(outlet: Outlet, exchange: Exchange, opened: _Opened) -> None:
         await outlet.start_stream(headers)
         batch = [_outgoing(payload, event, tally) for payload, event in opened.held]
         outcome = await streaming.forward(outlet, _Events(opened.stream, tally), batch)
-        opened.stream.close()
+        if outcome == "ok":
+            opened.stream.finish()
+        else:
+            opened.stream.close()
         await _record(exchange, target, outcome, tally)
         if outcome != "ok":
             batch.append(_interrupted())

@@ -37,7 +37,10 @@ async def relay_stream(outlet: Outlet, exchange: Exchange, stream: OpenStream) -
             if out is not None:
                 batch.append(out)
         outcome = await forward(outlet, events, batch)
-        stream.close()
+        if outcome == "ok":
+            stream.finish()
+        else:
+            stream.close()
         await _finish_stream(exchange, stream, outlet, outcome, events, batch)
     except (ConnectionError, asyncio.CancelledError):
         stream.close()
