@@ -79,16 +79,20 @@ class _Opened:
     async def next_event(self) -> _Event | None:
         """The next event (None at the end of the body); UpstreamError on a stall or cut."""
         while (payload := await self.stream.next_payload()) is not None:
-            if payload == b"[DONE]":
-                continue
-            try:
-                event = orjson.loads(payload)
-            except orjson.JSONDecodeError:
-                raise UpstreamError("stream event is not JSON") from None
-            if not isinstance(event, dict):
-                raise UpstreamError("stream event is not a JSON object")
-            return payload, event
+            if payload != b"[DONE]":
+                return payload, _parsed(payload)
         return None
+
+
+def _parsed(payload: bytes) -> dict[str, Any]:
+    """An event's data as a JSON object; UpstreamError (its reason) for anything else."""
+    try:
+        event = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        raise UpstreamError("stream event is not JSON") from None
+    if not isinstance(event, dict):
+        raise UpstreamError("stream event is not a JSON object")
+    return event
 
 
 def is_content(event: dict[str, Any]) -> bool:
@@ -162,10 +166,6 @@ async def _forward(outlet: Outlet, exchange: Exchange, opened: _Opened) -> None:
         await outlet.start_stream(headers)
         batch = [_outgoing(payload, event, tally) for payload, event in opened.held]
         outcome = await streaming.forward(outlet, _Events(opened.stream, tally), batch)
-        if outcome == "ok":
-            opened.stream.finish()
-        else:
-            opened.stream.close()
         await _record(exchange, target, outcome, tally)
         if outcome != "ok":
             batch.append(_interrupted())
@@ -191,11 +191,9 @@ class _Events:
         if payload == b"[DONE]":
             return None
         try:
-            event = orjson.loads(payload)
-        except orjson.JSONDecodeError:
-            return self.cut("stream event is not JSON")
-        if not isinstance(event, dict):
-            return self.cut("stream event is not a JSON object")
+            event = _parsed(payload)
+        except UpstreamError as exc:
+            return self.cut(exc.reason)
         batch.append(_outgoing(payload, event, self.tally))
         kind = event.get("type")
         if kind in _FINAL:

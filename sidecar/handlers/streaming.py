@@ -37,10 +37,6 @@ async def relay_stream(outlet: Outlet, exchange: Exchange, stream: OpenStream) -
             if out is not None:
                 batch.append(out)
         outcome = await forward(outlet, events, batch)
-        if outcome == "ok":
-            stream.finish()
-        else:
-            stream.close()
         await _finish_stream(exchange, stream, outlet, outcome, events, batch)
     except (ConnectionError, asyncio.CancelledError):
         stream.close()
@@ -68,13 +64,21 @@ class StreamEvents(Protocol):
 
 
 async def forward(outlet: Outlet, events: StreamEvents, batch: list[bytes]) -> str:
-    """Relay a committed stream to ``outlet`` until it ends; returns its outcome. What is left
-    on ``batch`` then (the last event, when the stream ended well) is for the caller to send
-    after the ledger line."""
+    """Relay a committed stream to ``outlet`` until it ends, then let its upstream go (pooled
+    when it ended well, dropped otherwise); returns its outcome. What is left on ``batch`` then
+    (the last event, when the stream ended well) is for the caller to send after the ledger
+    line."""
+    stream = events.stream
     pushed = outlet.pushed()
     if pushed is not None:
-        return await _push(pushed, events.stream.response, events, batch)
-    return await _pull(outlet, events.stream, events, batch)
+        outcome = await _push(pushed, stream.response, events, batch)
+    else:
+        outcome = await _pull(outlet, stream, events, batch)
+    if outcome == "ok":
+        stream.finish()
+    else:
+        stream.close()
+    return outcome
 
 
 class _Events:
