@@ -156,8 +156,9 @@ def test_the_runner_starts_the_raw_proxy_as_a_target(tmp_path: Path) -> None:
         direct = run.start_upstream(procs, "upstream", 2, 1)
         raw = run.start_raw(procs, "t", direct.port)
         assert not direct.problem and not raw.problem, (direct.problem, raw.problem)
-        row = run.run_wrk(run.Driver(None, tmp_path), raw, 2, 1, run.chat_body(1.0))
-    assert row.problem == "" and row.note == "" and row.rps and row.rps > 0, row
+        # The stream driver, not wrk: `make test` must pass where wrk is not installed.
+        row = run.run_streams(run.Driver(None, tmp_path), raw, 2, 1, hold=False)
+    assert row.problem == "" and "failed" not in row.note and row.rps and row.rps > 0, row
 
 
 async def test_stream_driver_measures_against_upstream(fake_upstream: str) -> None:
