@@ -5,9 +5,12 @@ router, middleware chain and writer), which is most of what the sidecar adds to 
 connection. So a connection first serves plain ``POST /v1/chat/completions``,
 ``/v1/completions``, ``/v1/embeddings`` and ``/v1/responses`` requests itself: it parses the
 head, takes a ``Content-Length`` body, runs the app's ``Guard`` and the handler's ``serve`` and
-writes the answer to the socket. Anything else, or anything unusual (another path or method, a
-query string, a chunked or ``Expect`` body, an upgrade, HTTP/1.0, a header line it does not
-take, a body over ``max_body_bytes``), is handed with the bytes received so far to aiohttp's
+writes the answer to the socket. It also answers ``GET /v1/models`` and ``GET /v1/models/{id}``:
+a hand-over is for the rest of the connection, and an SDK that lists models once at start-up
+would otherwise leave that pooled connection, and every request it later carries, on aiohttp.
+Anything else, or anything unusual (another path or method, a query string, a chunked or
+``Expect`` body, a GET with a body, an upgrade, HTTP/1.0, a header line it does not take, a body
+over ``max_body_bytes``), is handed with the bytes received so far to aiohttp's
 ``RequestHandler``, which this class also is, and aiohttp serves the rest of that connection as
 before.
 
@@ -34,7 +37,7 @@ from aiohttp.web_protocol import RequestHandler
 from multidict import CIMultiDict
 
 from .app import GUARD, Guard, error_answer, redact_body
-from .handlers import model, responses
+from .handlers import model, models, responses
 from .handlers.context import Incoming, Serve, WholeResponse, new_request_info
 from .handlers.exchange import Surface
 from .log import get_logger
@@ -44,8 +47,10 @@ from .wire import SSE_TYPE
 
 @dataclass(frozen=True, slots=True)
 class Route:
-    endpoint: str
+    endpoint: str  # the route's pattern, the metrics label
     serve: Serve
+    method: str = "POST"
+    path: str | None = None  # the request's path, where it is not ``endpoint``
 
 
 def _model_route(surface: Surface) -> Route:
@@ -58,7 +63,13 @@ HOT_LINES: dict[bytes, Route] = {
     b"POST /v1/completions HTTP/1.1": _model_route(model.COMPLETIONS),
     b"POST /v1/embeddings HTTP/1.1": _model_route(model.EMBEDDINGS),
     b"POST /v1/responses HTTP/1.1": Route(responses.RESPONSES.endpoint, responses.serve),
+    b"GET /v1/models HTTP/1.1": Route(models.LIST, models.serve_list, "GET"),
 }
+_MODEL_LINE = b"GET /v1/models/"
+_HTTP11 = b" HTTP/1.1"
+# A model id the lean front takes as it stands in the path: no percent-escape to decode (aiohttp
+# decodes those), no query, nothing that is not a path character.
+_PLAIN_MODEL_ID = re.compile(rb"[A-Za-z0-9._~:@!$&'()*+,;=/-]+")
 # A longer head goes to aiohttp, whose limits (16 KiB a line) answer it.
 MAX_HEAD = 16384
 # Pipelined bytes past this while a request is served: stop reading until it ends.
@@ -75,6 +86,19 @@ _REFUSED = ("Transfer-Encoding", "Expect", "Upgrade")
 _LAST_CHUNK = b"0\r\n\r\n"
 
 
+def _route(line: bytes) -> Route | None:
+    """The route of a request line the lean front serves, else None."""
+    route = HOT_LINES.get(line)
+    if route is not None or not (line.startswith(_MODEL_LINE) and line.endswith(_HTTP11)):
+        return route
+    model_id = line[len(_MODEL_LINE) : -len(_HTTP11)]
+    if _PLAIN_MODEL_ID.fullmatch(model_id) is None:
+        return None
+    path = line[4 : -len(_HTTP11)].decode()
+    serve = partial(models.serve_one, model_id=model_id.decode())
+    return Route(models.ONE, serve, "GET", path)
+
+
 @dataclass(slots=True)
 class Head:
     """A request head the lean front serves."""
@@ -89,7 +113,7 @@ class Head:
 def parse_head(buffer: bytearray, head_end: int, max_body: int) -> Head | None:
     """The head ending at ``head_end`` (its blank line), or None: hand the connection to aiohttp."""
     line_end = buffer.find(b"\r\n")
-    route = HOT_LINES.get(bytes(buffer[:line_end]))
+    route = _route(bytes(buffer[:line_end]))
     if route is None:
         return None
     block = buffer[line_end:head_end].decode("utf-8", "surrogateescape")
@@ -97,6 +121,10 @@ def parse_head(buffer: bytearray, head_end: int, max_body: int) -> Head | None:
         return None
     headers = CIMultiDict(_fields(block))
     lengths = headers.getall("Content-Length", ())
+    if route.method == "GET":
+        if lengths and lengths != ["0"]:
+            return None  # a GET with a body: aiohttp answers it
+        lengths = ["0"]
     if len(lengths) != 1 or not _digits(lengths[0]):
         return None
     length = int(lengths[0])
@@ -133,7 +161,7 @@ def _may_be_lean(buffer: bytearray) -> bool:
     if len(buffer) > MAX_HEAD or buffer.count(b"\n") != buffer.count(b"\r\n"):
         return False
     line_end = buffer.find(b"\r\n")
-    return line_end < 0 or bytes(buffer[:line_end]) in HOT_LINES
+    return line_end < 0 or _route(bytes(buffer[:line_end])) is not None
 
 
 class HttpDate:
@@ -335,7 +363,9 @@ class Connection(RequestHandler):
         finally:
             in_flight.dec()
             status = info.status or (whole.status if whole is not None else 499)
-            runtime.loop.call_soon(guard.log_line, "POST", endpoint, endpoint, info, status)
+            route = head.route
+            path = route.path or endpoint
+            runtime.loop.call_soon(guard.log_line, route.method, path, endpoint, info, status)
             self._task = None
             self._request_done(keep_alive)
 

@@ -5,15 +5,18 @@ and the lean front's do not, which is how these tests tell who answered."""
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import random
 from typing import Any
 
+import openai
 import orjson
 import pytest
 
 from sidecar.app import create_app
 from sidecar.front import DaemonRunner, head_bytes, parse_head
+from sidecar.log import RequestLog
 
 from .conftest import provider
 from .fakes import ok, sse, status
@@ -197,11 +200,71 @@ async def test_a_request_dribbled_byte_by_byte_is_served(alpha):
     assert answer.json()["choices"][0]["message"]["content"] == "slowly"
 
 
+async def test_listing_models_keeps_the_connection_on_the_lean_front(alpha):
+    fake, sidecar = alpha
+    fake.script(ok(content="still lean"))
+    reader, writer = await connect(sidecar)
+    answers = []
+    for target in ("/v1/models", "/v1/models/alpha/deepseek-v3.2", "/v1/models/nope"):
+        writer.write(f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+        answers.append(await read_answer(reader))
+    writer.write(post())
+    chat = await read_answer(reader)
+    # The same questions asked of aiohttp (a query string hands a connection over).
+    handed = []
+    for target in ("/v1/models?x=1", "/v1/models/alpha/deepseek-v3.2?x=1", "/v1/models/nope?x=1"):
+        writer.write(f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+        handed.append(await read_answer(reader))
+    writer.close()
+    assert [a.lean for a in answers] == [True, True, True] and chat.lean
+    assert [a.lean for a in handed] == [False, False, False]
+    for lean, aio in zip(answers, handed, strict=True):
+        assert (lean.status, lean.json()) == (aio.status, aio.json())
+        assert lean.headers["content-type"] == aio.headers["content-type"]
+    listing, entry, missing = answers
+    assert "deepseek-v3.2" in {m["id"] for m in listing.json()["data"]}
+    assert entry.json() == {
+        "id": "alpha/deepseek-v3.2",
+        "object": "model",
+        "created": 0,
+        "owned_by": "alpha",
+    }
+    assert missing.status == 404 and missing.json()["error"]["code"] == "model_not_found"
+    assert chat.json()["choices"][0]["message"]["content"] == "still lean"
+
+
+async def test_the_sdk_lists_and_retrieves_models_from_the_lean_front(
+    start_sidecar, make_settings, fake_upstream
+):
+    fake = await fake_upstream()
+    sink = io.BytesIO()
+    request_log = RequestLog(format="json", stream=sink)
+    settings = make_settings([provider("alpha", fake.url)])
+    sidecar = await start_sidecar(settings, request_log=request_log)
+    client = sidecar.client()
+    listed = await client.models.with_raw_response.list()
+    assert "server" not in listed.headers
+    assert "deepseek-v3.2" in {m.id async for m in listed.parse()}
+    got = await client.models.with_raw_response.retrieve("deepseek-v3.2")
+    assert "server" not in got.headers and got.parse().id == "deepseek-v3.2"
+    with pytest.raises(openai.NotFoundError) as missing:
+        await client.models.retrieve("gpt-nope")
+    assert missing.value.code == "model_not_found" and "gpt-nope" in missing.value.message
+    request_log.close()  # writes what waits (lines go out from a thread of their own)
+    logged = [json.loads(line) for line in sink.getvalue().splitlines()]
+    assert [(line["method"], line["path"], line["status"]) for line in logged] == [
+        ("GET", "/v1/models", 200),
+        ("GET", "/v1/models/deepseek-v3.2", 200),
+        ("GET", "/v1/models/gpt-nope", 404),
+    ]
+    assert sidecar.ledger_lines() == []  # nothing reached an upstream or the cache
+
+
 async def test_other_requests_hand_the_connection_to_aiohttp(alpha):
     fake, sidecar = alpha
     fake.script(ok(content="after the hand-over"))
     reader, writer = await connect(sidecar)
-    writer.write(b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    writer.write(b"GET /v1/models?page=1 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
     models = await read_answer(reader)
     writer.write(post())
     chat = await read_answer(reader)
@@ -402,6 +465,15 @@ def test_parse_head_takes_only_plain_requests():
     assert parse(plain.replace(b"12", b"+12")) is None
     assert parse(plain.replace(b"12", "1\u00b2".encode())) is None  # int() refuses it
     assert parse(plain.replace(b"POST", b"GET")) is None
+    models = b"GET /v1/models HTTP/1.1\r\nHost: x"
+    listing = parse(models)
+    assert listing is not None and listing.end == len(models) + 4
+    assert parse(models + b"\r\nContent-Length: 0") is not None
+    assert parse(models + b"\r\nContent-Length: 2") is None  # a GET with a body
+    one = parse(models.replace(b"models", b"models/ft:gpt-4o:org/x"))
+    assert one is not None and one.route.path == "/v1/models/ft:gpt-4o:org/x"
+    for odd in (b"models/", b"models/a%2Fb", b"models/a?b=1", b"models/a b", b"models/caf\xc3\xa9"):
+        assert parse(models.replace(b"models", odd)) is None, odd
 
 
 def test_a_header_value_with_a_line_break_is_never_sent():
