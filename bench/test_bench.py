@@ -170,6 +170,19 @@ async def test_stream_driver_measures_against_upstream(fake_upstream: str) -> No
     assert 0 < result["ttft_ms"]["p50"] <= result["total_ms"]["p50"]
 
 
+async def test_stream_driver_counts_each_connections_first_stream_as_the_start_burst(
+    fake_upstream: str,
+) -> None:
+    args = streams.parse_args(
+        ["--url", f"{fake_upstream}/v1/chat/completions", "-c", "3", "-d", "0.3"]
+    )
+    result = await streams.drive(args)
+    burst = result["start_burst"]
+    assert result["errors"] == 0 and burst["streams"] == 3 and result["streams"] > 3
+    assert 0 < burst["ttft_ms"]["p50"] and 0 < result["ttft_ms"]["p50"]
+    assert result["all_ttft_ms"]["max"] == max(burst["ttft_ms"]["max"], result["ttft_ms"]["max"])
+
+
 async def test_stream_driver_counts_failures() -> None:
     app = web.Application()
 
