@@ -10,12 +10,18 @@ through this client; media, uploads and health probes keep aiohttp's.
 A connection goes back to the pool only after a complete, well-framed response that allows
 keep-alive. Anything else (a timeout, a cut, a response closed unread, a parse error, bytes
 nobody asked for) closes it, so a late answer can never be read as the reply to another request.
+
+A host name is looked up once per ``DNS_TTL_S`` (as aiohttp's connector is told to), not once
+per connection: a burst of streams to a pool with no idle connection opens one connection per
+stream, and each lookup is a round trip to the resolver from one of libuv's four lookup threads.
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
+import ipaddress
+import socket
 import ssl
 import zlib
 from collections import deque
@@ -26,6 +32,8 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 MAX_HEAD_BYTES: Final = 65536
+# How long a host name's addresses are used before it is looked up again.
+DNS_TTL_S: Final = 300.0
 _NO_BODY_STATUSES = frozenset({204, 304})
 
 
@@ -667,6 +675,10 @@ class H1Pool:
         self._idle: deque[_Connection] = deque()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
+        self._literal = _is_ip_literal(self._host)
+        self._addresses: list[tuple[int, str, int]] = []  # (family, host, port) to connect to
+        self._addresses_until = 0.0
+        self._lookup: asyncio.Future[list[tuple[int, str, int]]] | None = None
 
     async def post(
         self, path: str, content_type: str, body: bytes, *, stream: bool = False
@@ -731,14 +743,61 @@ class H1Pool:
             self._ssl = ssl.create_default_context()
         try:
             async with asyncio.timeout(self._connect_timeout_s):
-                _, connection = await loop.create_connection(
-                    lambda: _Connection(loop),
-                    self._host,
-                    self._port,
-                    ssl=self._ssl if self._tls else None,
-                    server_hostname=self._host if self._tls else None,
-                )
+                if self._literal:
+                    return await self._open(loop, 0, self._host, self._port)
+                failure: OSError | None = None
+                for family, host, port in await self._resolved(loop):
+                    try:
+                        return await self._open(loop, family, host, port)
+                    except OSError as exc:
+                        failure = exc
+                self._addresses_until = 0.0  # none answered: look the name up again next time
+                assert failure is not None
+                raise failure
         except TimeoutError:
             timeout = f"timed out after {self._connect_timeout_s:g}s"
             raise OSError(errno.ETIMEDOUT, timeout) from None
+
+    async def _open(
+        self, loop: asyncio.AbstractEventLoop, family: int, host: str, port: int
+    ) -> _Connection:
+        _, connection = await loop.create_connection(
+            lambda: _Connection(loop),
+            host,
+            port,
+            family=family,
+            ssl=self._ssl if self._tls else None,
+            server_hostname=self._host if self._tls else None,
+        )
         return connection
+
+    async def _resolved(self, loop: asyncio.AbstractEventLoop) -> list[tuple[int, str, int]]:
+        """The host's addresses, looked up at most once per ``DNS_TTL_S``; connections opened
+        while a lookup runs wait for that one (which a waiter's cancellation does not stop)."""
+        if self._addresses and loop.time() < self._addresses_until:
+            return self._addresses
+        if self._lookup is None:
+            self._lookup = lookup = loop.create_task(self._look_up(loop))
+            lookup.add_done_callback(self._looked_up)
+        return await asyncio.shield(self._lookup)
+
+    async def _look_up(self, loop: asyncio.AbstractEventLoop) -> list[tuple[int, str, int]]:
+        infos = await loop.getaddrinfo(
+            self._host, self._port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
+        )
+        self._addresses = [(info[0], str(info[4][0]), int(info[4][1])) for info in infos]
+        self._addresses_until = loop.time() + DNS_TTL_S
+        return self._addresses
+
+    def _looked_up(self, lookup: asyncio.Task[list[tuple[int, str, int]]]) -> None:
+        self._lookup = None
+        if not lookup.cancelled():
+            lookup.exception()  # a failed lookup is each waiter's to raise, not a stray log line
+
+
+def _is_ip_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True

@@ -16,7 +16,7 @@ import aiohttp
 from multidict import CIMultiDict
 
 from .config import ProviderConfig, RoutingConfig
-from .h1 import BodyCut, H1Pool, H1Response, InvalidResponse
+from .h1 import DNS_TTL_S, BodyCut, H1Pool, H1Response, InvalidResponse
 
 USER_AGENT = "tokenhub-sidecar/0.1"
 
@@ -58,7 +58,7 @@ class Upstream:
         self._session = aiohttp.ClientSession(
             connector=connector
             or aiohttp.TCPConnector(
-                limit=0, limit_per_host=0, keepalive_timeout=30, ttl_dns_cache=300
+                limit=0, limit_per_host=0, keepalive_timeout=30, ttl_dns_cache=int(DNS_TTL_S)
             ),
             headers=headers,
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=routing.connect_timeout_s),

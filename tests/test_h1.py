@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from sidecar import h1
 from sidecar.h1 import BodyCut, H1Pool, InvalidResponse
 
 # A reply is a sequence of steps: bytes to send, a float to sleep, or CLOSE.
@@ -95,11 +96,11 @@ async def upstream() -> AsyncIterator[RawUpstream]:
 
 
 def pool_for(url: str, **options: object) -> H1Pool:
+    options.setdefault("read_timeout_s", 0.3)
     return H1Pool(
         url,
         {"User-Agent": "tokenhub-sidecar/test", "Authorization": "Bearer sk-test"},
         connect_timeout_s=2.0,
-        read_timeout_s=0.3,
         **options,  # type: ignore[arg-type]
     )
 
@@ -334,22 +335,27 @@ async def test_cancelling_a_wait_drops_the_connection(upstream: RawUpstream) -> 
     pool.close()
 
 
-@pytest.fixture
-def certificate(tmp_path: Path) -> tuple[Path, Path]:
-    """A self-signed certificate for 127.0.0.1 made with the openssl command."""
+def make_certificate(directory: Path, name: str, alt_names: str) -> tuple[Path, Path]:
+    """A self-signed certificate (key, cert) made with the openssl command."""
     if shutil.which("openssl") is None:
         pytest.skip("the openssl command is not installed")
-    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    key, cert = directory / f"{name}-key.pem", directory / f"{name}-cert.pem"
     subprocess.run(
         [
             "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-            "-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1",
-            "-addext", "subjectAltName=IP:127.0.0.1",
+            "-keyout", str(key), "-out", str(cert), "-subj", f"/CN={name}",
+            "-addext", f"subjectAltName={alt_names}",
         ],
         check=True,
         capture_output=True,
     )  # fmt: skip
     return key, cert
+
+
+@pytest.fixture
+def certificate(tmp_path: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1."""
+    return make_certificate(tmp_path, "127.0.0.1", "IP:127.0.0.1")
 
 
 async def test_https_verifies_the_certificate(certificate: tuple[Path, Path]) -> None:
@@ -368,6 +374,67 @@ async def test_https_verifies_the_certificate(certificate: tuple[Path, Path]) ->
         trusting.close()
         with pytest.raises(ssl.SSLCertVerificationError):
             await pool_for(upstream.url("https")).post("/x", "application/json", b"{}")
+    finally:
+        await upstream.close()
+
+
+def count_lookups(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """The host names the running loop is asked to look up (it still looks each one up)."""
+    loop = asyncio.get_running_loop()
+    asked: list[object] = []
+    real = loop.getaddrinfo
+
+    async def getaddrinfo(host: object, *args: object, **kwargs: object) -> object:
+        asked.append(host)
+        return await real(host, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(loop, "getaddrinfo", getaddrinfo)
+    return asked
+
+
+async def test_a_host_name_is_looked_up_once_for_a_burst_of_connections(
+    upstream: RawUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    asked = count_lookups(monkeypatch)
+    for _ in range(8):
+        upstream.replies.append([0.1, answer()])  # each answer waits: 8 at once need 8 connections
+    pool = pool_for(f"http://localhost:{upstream.port}/v1", read_timeout_s=2.0)
+    answers = await asyncio.gather(*(post(pool) for _ in range(8)))
+    assert answers == [(200, b'{"ok":true}')] * 8
+    assert upstream.connections == 8 and asked == ["localhost"]
+    pool.close()
+    literal = pool_for(upstream.url())
+    assert await post(literal) == (200, b'{"ok":true}')
+    assert asked == ["localhost"]  # an address in the URL is not looked up at all
+
+
+async def test_a_host_name_is_looked_up_again_once_its_addresses_expire(
+    upstream: RawUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    asked = count_lookups(monkeypatch)
+    monkeypatch.setattr(h1, "DNS_TTL_S", 0.05)
+    pool = pool_for(f"http://localhost:{upstream.port}/v1", keepalive_s=0)
+    assert await post(pool) == (200, b'{"ok":true}')
+    assert await post(pool) == (200, b'{"ok":true}')
+    assert len(asked) == 1
+    await asyncio.sleep(0.1)
+    assert await post(pool) == (200, b'{"ok":true}')
+    assert asked == ["localhost", "localhost"] and upstream.connections == 3
+
+
+async def test_https_to_a_host_name_checks_that_name(tmp_path: Path) -> None:
+    key, cert = make_certificate(tmp_path, "localhost", "DNS:localhost")  # not for 127.0.0.1
+    upstream = RawUpstream()
+    upstream.ssl = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    upstream.ssl.load_cert_chain(cert, key)
+    await upstream.start()
+    trust = ssl.create_default_context(cafile=cert)
+    try:
+        by_name = pool_for(f"https://localhost:{upstream.port}/v1", ssl_context=trust)
+        assert await post(by_name) == (200, b'{"ok":true}')  # to 127.0.0.1, as localhost
+        by_name.close()
+        with pytest.raises(ssl.SSLCertVerificationError):
+            await pool_for(upstream.url("https"), ssl_context=trust).post("/x", "text/plain", b"")
     finally:
         await upstream.close()
 
