@@ -14,9 +14,10 @@ unavailable (handlers answer 503 ``ledger_unavailable``) until the file can be w
 the ledger reopens it, repairs its tail and probes the disk every ``retry_s``.
 
 After a rotation, the rotated file's summary (``ledger_summary``) is written by a task of its
-own in a worker thread, so appends never wait for it; failing to write one is only a warning.
-At open, one more such task writes the summaries that the rotated files there lack or that no
-longer hold, so that the first ``usage`` after an upgrade need not read those files.
+own, in a child process at the lowest CPU priority, so appends never wait for it and the event
+loop never waits for the GIL it would hold; failing to write one is only a warning. At open,
+one more such task writes the summaries that the rotated files there lack or that no longer
+hold, so that the first ``usage`` after an upgrade need not read those files.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import fcntl
 import hashlib
 import os
 import re
+import sys
 from collections.abc import Callable, Coroutine, Mapping
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -40,7 +42,6 @@ from sidecar.billing import usd
 from sidecar.config import LedgerConfig
 from sidecar.errors import LedgerUnavailable
 from sidecar.iothread import IoThread
-from sidecar.ledger_summary import load, write_summary
 from sidecar.log import UtcStamps, get_logger
 
 LEDGER_VERSION: Final = 1
@@ -129,11 +130,6 @@ def find_tail(fd: int) -> tuple[int, int, bytes | None]:
         if line is not None or base == 0:
             return size, base + end, line
         window *= 2
-
-
-def _write_summary_unless_usable(file: Path) -> None:
-    if load(file) is None:
-        write_summary(file)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -426,11 +422,31 @@ class Ledger:
         self._summaries.add(task)
         task.add_done_callback(self._summaries.discard)
 
-    async def _summarize(self, file: Path, write: Callable[[Path], object] = write_summary) -> None:
+    async def _summarize(self, file: Path, *, unless_usable: bool = False) -> None:
+        """Run ``python -m sidecar.ledger_summary`` for ``file`` and wait for it. A summary
+        only spares ``usage`` a read: its failure is a warning, never a ledger failure."""
+        argv = [sys.executable, "-m", "sidecar.ledger_summary"]
+        argv += ["--unless-usable", str(file)] if unless_usable else [str(file)]
         try:
-            await asyncio.to_thread(write, file)
-        except Exception as exc:  # a summary only spares `usage` a read; never a ledger failure
+            child = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.PIPE,
+            )
+        except OSError as exc:
             self._log.warning("ledger_summary_failed", path=str(file), error=str(exc))
+            return
+        try:
+            _, errors = await child.communicate()
+        except BaseException:
+            child.kill()
+            await child.wait()
+            raise
+        if child.returncode != 0:
+            lines = errors.decode("utf-8", "replace").strip().splitlines()
+            why = lines[-1] if lines else f"exit status {child.returncode}"
+            self._log.warning("ledger_summary_failed", path=str(file), error=why)
 
     async def _backfill_summaries(self, rotated: list[Path]) -> None:
         """Write each summary of ``rotated`` that ``usage`` could not use (none, or one that no
@@ -443,7 +459,7 @@ class Ledger:
         for file in reversed(rotated):
             if self._closing:
                 return
-            await self._summarize(file, _write_summary_unless_usable)
+            await self._summarize(file, unless_usable=True)
 
     def _resolve(self, batch: list[_Item], written: int | None = None) -> None:
         """Settle each caller: the first ``written`` (default: all) succeed, the rest fail."""

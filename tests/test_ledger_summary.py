@@ -5,6 +5,8 @@ import io
 import os
 import re
 import stat
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -202,6 +204,37 @@ async def test_a_summary_that_cannot_be_written_is_only_a_warning(
     assert ledger_summary.load(rotated_path(path, 1)) is None
     assert ledger_summary.load(rotated_path(path, 2)) is not None
     assert usage_json(path, by=["model"]) == reference(path, by=("model",))
+
+
+def run_summary_command(*args: str) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "sidecar.ledger_summary", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=60)
+
+
+def test_the_summary_command_the_daemon_runs_in_a_child_process(ledger: Path) -> None:
+    first, second = rotated(ledger)[:2]
+    drop_summaries(ledger)
+    done = run_summary_command(str(first))
+    assert (done.returncode, done.stdout, done.stderr) == (0, "", "")
+    written = ledger_summary.load(first)
+    assert written is not None
+    assert ledger_summary.encode(written) == ledger_summary.encode(ledger_summary.compute(first))
+    assert ledger_summary.load(second) is None  # only the file it was given
+
+    stamp = summary_path(first).stat().st_mtime_ns
+    assert run_summary_command("--unless-usable", str(first)).returncode == 0
+    assert summary_path(first).stat().st_mtime_ns == stamp  # it still held: left as it was
+    assert run_summary_command("--unless-usable", str(second)).returncode == 0
+    assert ledger_summary.load(second) is not None
+
+    summary_path(first).unlink()
+    summary_path(first).mkdir()  # the summary's name is taken: one line that says so
+    failed = run_summary_command(str(first))
+    assert failed.returncode == 1 and failed.stdout == ""
+    assert failed.stderr.startswith(f"{first}: ") and failed.stderr.count("\n") == 1
+    assert "Traceback" not in failed.stderr
+    wrong = run_summary_command()
+    assert wrong.returncode == 2 and wrong.stderr.startswith("usage: ")
 
 
 async def test_verify_and_the_listing_ignore_summaries_and_leftovers(ledger: Path) -> None:
