@@ -745,14 +745,13 @@ class H1Pool:
             async with asyncio.timeout(self._connect_timeout_s):
                 if self._literal:
                     return await self._open(loop, 0, self._host, self._port)
-                failure: OSError | None = None
+                failure = OSError(errno.EHOSTUNREACH, f"no address found for {self._host}")
                 for family, host, port in await self._resolved(loop):
                     try:
                         return await self._open(loop, family, host, port)
                     except OSError as exc:
                         failure = exc
                 self._addresses_until = 0.0  # none answered: look the name up again next time
-                assert failure is not None
                 raise failure
         except TimeoutError:
             timeout = f"timed out after {self._connect_timeout_s:g}s"

@@ -422,6 +422,22 @@ async def test_a_host_name_is_looked_up_again_once_its_addresses_expire(
     assert asked == ["localhost", "localhost"] and upstream.connections == 3
 
 
+async def test_a_host_name_none_of_whose_addresses_answers_is_looked_up_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    asked = count_lookups(monkeypatch)
+    probe = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    port = probe.sockets[0].getsockname()[1]
+    probe.close()
+    await probe.wait_closed()
+    pool = pool_for(f"http://localhost:{port}/v1")
+    for _ in range(2):
+        with pytest.raises(OSError) as caught:
+            await pool.post("/x", "application/json", b"{}")
+        assert not isinstance(caught.value, BodyCut | TimeoutError)
+    assert asked == ["localhost", "localhost"]
+
+
 async def test_https_to_a_host_name_checks_that_name(tmp_path: Path) -> None:
     key, cert = make_certificate(tmp_path, "localhost", "DNS:localhost")  # not for 127.0.0.1
     upstream = RawUpstream()
