@@ -392,15 +392,21 @@ class Relay:
         )
 
 
+def event_object(payload: bytes) -> dict[str, Any]:
+    """A stream event's data as a JSON object; UpstreamError (its reason) for anything else."""
+    try:
+        event = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        raise UpstreamError("stream event is not JSON") from None
+    if not isinstance(event, dict):
+        raise UpstreamError("stream event is not a JSON object")
+    return event
+
+
 def _chunk_before_content(payload: bytes) -> dict[str, Any]:
     if payload == b"[DONE]":
         raise UpstreamError("stream ended before any content")
-    try:
-        chunk = orjson.loads(payload)
-    except orjson.JSONDecodeError:
-        raise UpstreamError("stream event is not JSON") from None
-    if not isinstance(chunk, dict):
-        raise UpstreamError("stream event is not a JSON object")
+    chunk = event_object(payload)
     if "error" in chunk:
         raise UpstreamError("error event before any content")
     return chunk

@@ -14,7 +14,7 @@ from aiohttp import web
 from .. import billing, wire
 from ..billing import Usage
 from ..h1 import H1Response
-from ..relay import OpenStream
+from ..relay import OpenStream, event_object
 from ..scope import Target
 from ..upstream import Upstream, UpstreamError
 from . import model, passthrough, streaming
@@ -80,19 +80,8 @@ class _Opened:
         """The next event (None at the end of the body); UpstreamError on a stall or cut."""
         while (payload := await self.stream.next_payload()) is not None:
             if payload != b"[DONE]":
-                return payload, _parsed(payload)
+                return payload, event_object(payload)
         return None
-
-
-def _parsed(payload: bytes) -> dict[str, Any]:
-    """An event's data as a JSON object; UpstreamError (its reason) for anything else."""
-    try:
-        event = orjson.loads(payload)
-    except orjson.JSONDecodeError:
-        raise UpstreamError("stream event is not JSON") from None
-    if not isinstance(event, dict):
-        raise UpstreamError("stream event is not a JSON object")
-    return event
 
 
 def is_content(event: dict[str, Any]) -> bool:
@@ -191,7 +180,7 @@ class _Events:
         if payload == b"[DONE]":
             return None
         try:
-            event = _parsed(payload)
+            event = event_object(payload)
         except UpstreamError as exc:
             return self.cut(exc.reason)
         batch.append(_outgoing(payload, event, self.tally))
