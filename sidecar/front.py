@@ -398,6 +398,9 @@ class Connection(RequestHandler):
     # -- the Outlet a stream is written to -----------------------------------------------------
 
     async def start_stream(self, headers: dict[str, str]) -> None:
+        self.begin_stream(headers)
+
+    def begin_stream(self, headers: dict[str, str]) -> None:
         close = "" if self._keep_alive else "Connection: close\r\n"
         tail = (
             f"Content-Type: {SSE_TYPE}\r\nTransfer-Encoding: chunked\r\n"

@@ -200,6 +200,10 @@ class _Connection(asyncio.Protocol):
         elif self._eof:
             sink.on_end(None)
 
+    def pull(self) -> None:
+        """Stop pushing: bytes from now on wait for ``readany()``."""
+        self._sink = None
+
     def set_reading(self, on: bool) -> None:
         """Pause reading (a client slower than the upstream) or resume it."""
         if self._paused == (not on) or self.transport is None:
@@ -606,6 +610,11 @@ class H1Response:
             sink.on_end(BodyCut("the response was closed"))
         else:
             connection.push_to(sink)
+
+    def pull(self) -> None:
+        """Stop pushing to a sink: ``readany()`` reads what comes next."""
+        if self._connection is not None:
+            self._connection.pull()
 
     def set_reading(self, on: bool) -> None:
         if self._connection is not None:

@@ -270,8 +270,20 @@ class Relay:
         raise AllAttemptsFailed(scope.requested, trail)
 
     async def open_stream(
-        self, path: str, plan: Sequence[Target], body: Mapping[str, Any], scope: Scope, trail: Trail
+        self,
+        path: str,
+        plan: Sequence[Target],
+        body: Mapping[str, Any],
+        scope: Scope,
+        trail: Trail,
+        on_commit: Callable[[OpenStream], None] | None = None,
     ) -> OpenStream | Answer:
+        """The first stream to reach its commit point, or a 4xx passed back.
+
+        ``on_commit`` is called with the stream inside the upstream's read callback at that
+        point, before this returns: to begin the answer there and then. Without it the stream's
+        reads wait for ``next_payload()``. Once ``on_commit`` began, an exception it raised, or
+        a cancellation, is the caller's to account for (the stream is closed)."""
         for target in plan:
             response = await self._open(path, target, body, scope, trail, stream=True)
             if response is None:
@@ -281,7 +293,7 @@ class Relay:
                     raw = await _read_quietly(response)
                 content_type = response.headers.get("Content-Type", wire_json)
                 return self._passed_back(trail, response.status, raw, content_type)
-            stream = await self._until_content(target, response, trail)
+            stream = await self._until_content(target, response, trail, on_commit)
             if stream is not None:
                 return stream
         raise AllAttemptsFailed(scope.requested, trail)
@@ -328,32 +340,39 @@ class Relay:
         return response
 
     async def _until_content(
-        self, target: Target, response: H1Response, trail: Trail
+        self,
+        target: Target,
+        response: H1Response,
+        trail: Trail,
+        on_commit: Callable[[OpenStream], None] | None,
     ) -> OpenStream | None:
         if not response.headers.get("Content-Type", "").startswith(SSE_TYPE):
             response.close()
             self._fail(trail, response.status, "stream is not SSE")
             return None
         stream = self.reader(target, response, trail.attempts)
+
+        def commit() -> None:
+            trail.end(response.status, "ok")
+            self._health.record_success(target.provider)
+            self.watch_idle(stream)
+            if on_commit is None:
+                response.pull()
+            else:
+                on_commit(stream)
+
+        hold = _Hold(stream, commit, self._first_token_timeout_s)
+        response.push_to(hold)
         try:
-            # One deadline for the whole phase before content, not one timer per read.
-            async with asyncio.timeout(self._first_token_timeout_s):
-                await self._hold_until_content(stream)
-        except TimeoutError:
-            response.close()
-            reason = f"no content within {self._first_token_timeout_s:g}s"
-            self._fail(trail, response.status, reason)
-            return None
-        except UpstreamError as exc:
-            response.close()
+            await hold.committed
+        except BaseException as exc:
+            response.close()  # on cancellation: the client went away, stop the generation
+            if hold.began or not isinstance(exc, UpstreamError):
+                raise
             self._fail(trail, response.status, exc.reason)
             return None
-        except asyncio.CancelledError:
-            response.close()  # the client went away: stop the upstream generating at once
-            raise
-        trail.end(response.status, "ok")
-        self._health.record_success(target.provider)
-        self.watch_idle(stream)
+        finally:
+            hold.stop()
         return stream
 
     def reader(
@@ -372,17 +391,6 @@ class Relay:
         stream.watch = self._idle_watch
         self._idle_watch.watch(stream)
 
-    async def _hold_until_content(self, stream: OpenStream) -> None:
-        """Read and hold role-only and empty chunks until one carries content."""
-        while True:
-            payload = await stream.next_payload()
-            if payload is None:
-                raise UpstreamError("stream ended before any content")
-            chunk = _chunk_before_content(payload)
-            stream.held.append((payload, chunk))
-            if has_content(chunk):
-                return
-
     def _fail(
         self, trail: Trail, status: int | None, reason: str, retry_after_s: float | None = None
     ) -> None:
@@ -390,6 +398,63 @@ class Relay:
         self._health.record_failure(
             attempt.provider, reason=reason, status=status, retry_after_s=retry_after_s
         )
+
+
+class _Hold:
+    """The ``StreamSink`` of a stream before its commit point. Role-only and empty chunks are
+    held; the first chunk with content commits the stream inside the read callback, so a lean
+    front can send it on at once instead of after the waiting task's turn on a busy loop.
+
+    ``committed`` resolves then, or fails with the UpstreamError that ends the attempt:
+    no content within ``timeout_s``, an error event, the body's end or cut."""
+
+    __slots__ = ("stream", "committed", "began", "_commit", "_timer")
+
+    def __init__(self, stream: OpenStream, commit: Callable[[], None], timeout_s: float) -> None:
+        loop = asyncio.get_running_loop()
+        self.stream = stream
+        self.committed: asyncio.Future[None] = loop.create_future()
+        self.began = False  # the stream was committed (even if what ``commit`` did then failed)
+        self._commit = commit
+        self._timer = loop.call_later(timeout_s, self._expire, timeout_s)
+
+    def on_data(self, data: bytes) -> None:
+        if self.committed.done():
+            return
+        stream = self.stream
+        try:
+            payloads = stream.decode(data)
+            for index, payload in enumerate(payloads):
+                chunk = _chunk_before_content(payload)
+                stream.held.append((payload, chunk))
+                if has_content(chunk):
+                    stream.pending.extend(payloads[index + 1 :])
+                    self.began = True
+                    self._commit()
+                    self.committed.set_result(None)
+                    return
+        except Exception as exc:  # UpstreamError; or, from ``commit``, the client gone, a bug
+            self.committed.set_exception(exc)
+
+    def on_end(self, error: Exception | None) -> None:
+        if self.committed.done():
+            return
+        try:
+            self.stream.ended(error)
+        except UpstreamError as exc:
+            self.committed.set_exception(exc)
+        else:
+            self.committed.set_exception(UpstreamError("stream ended before any content"))
+
+    def _expire(self, timeout_s: float) -> None:
+        if not self.committed.done():
+            self.committed.set_exception(UpstreamError(f"no content within {timeout_s:g}s"))
+
+    def stop(self) -> None:
+        self._timer.cancel()
+        committed = self.committed
+        if committed.done() and not committed.cancelled():
+            committed.exception()  # seen, even by a task cancelled before it looked
 
 
 def event_object(payload: bytes) -> dict[str, Any]:

@@ -10,6 +10,8 @@ import aiohttp
 import openai
 import pytest
 
+from sidecar.front import Connection
+
 from .conftest import provider
 from .fakes import (
     FakeUpstream,
@@ -499,3 +501,59 @@ async def test_a_stream_whose_body_never_ends_after_done_drops_its_connection(
     assert status_code == 200 and got[-1] == "[DONE]"
     first, second = alpha.requests
     assert first.peer != second.peer
+
+
+async def test_the_lean_front_begins_the_answer_inside_the_upstream_read_callback(
+    start_sidecar, make_settings, fake_upstream, monkeypatch
+):
+    """The head, the held role chunk and the first content go out from the read callback that
+    brought the content, not after the request's task got its next turn on the loop."""
+    began_in: list[asyncio.Task[Any] | None] = []
+    begin_stream = Connection.begin_stream
+
+    def spy(self: Connection, headers: dict[str, str]) -> None:
+        began_in.append(asyncio.current_task())
+        begin_stream(self, headers)
+
+    monkeypatch.setattr(Connection, "begin_stream", spy)
+    sidecar, alpha, _ = await pair(start_sidecar, make_settings, fake_upstream)
+    alpha.script(slow_first_token(0.1, content="called back"))
+    chunks = await sidecar.client().chat.completions.create(
+        model="deepseek-v3.2", messages=HI, stream=True
+    )
+    got = "".join([c.choices[0].delta.content or "" async for c in chunks if c.choices])
+    assert got == "called back"
+    assert began_in == [None]  # no task: a callback
+    [line] = sidecar.ledger_lines()
+    assert line["outcome"] == "ok" and [a["reason"] for a in line["attempts"]] == ["ok"]
+
+
+async def test_a_client_gone_as_the_answer_begins_keeps_one_ledger_line(
+    start_sidecar, make_settings, fake_upstream, monkeypatch
+):
+    """The client's connection is found closed by the first write, inside the read callback:
+    the upstream stream is dropped and the request's one line says the client went away."""
+    begin_stream = Connection.begin_stream
+
+    def client_gone(self: Connection, headers: dict[str, str]) -> None:
+        begin_stream(self, headers)
+        assert self.transport is not None
+        self.transport.abort()
+
+    monkeypatch.setattr(Connection, "begin_stream", client_gone)
+    sidecar, alpha, beta = await pair(start_sidecar, make_settings, fake_upstream)
+    alpha.script(slow_chunks(0.05, first_token_delay_s=0.1))
+    async with aiohttp.ClientSession() as session:
+        with pytest.raises(aiohttp.ClientError):
+            async with session.post(f"{sidecar.base_url}/v1/chat/completions", json=STREAM) as resp:
+                await resp.read()
+        await asyncio.wait_for(alpha.client_gone.wait(), 1.0)
+    await asyncio.wait_for(_ledger_has_line(sidecar), 2.0)
+    [line] = sidecar.ledger_lines()
+    assert line["outcome"] == "client_cancelled" and line["billable"] is False
+    assert [(a["provider"], a["reason"]) for a in line["attempts"]] == [
+        ("alpha", "client cancelled")
+    ]
+    assert beta.requests == []
+    await asyncio.sleep(0.1)
+    assert len(sidecar.ledger_lines()) == 1

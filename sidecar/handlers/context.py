@@ -92,6 +92,9 @@ class Outlet(Protocol):
 class PushOutlet(Outlet, Protocol):
     """An ``Outlet`` that also takes a write at once, from a callback (the lean front)."""
 
+    def begin_stream(self, headers: dict[str, str]) -> None:
+        """``start_stream``, from a callback."""
+
     def send_now(self, data: bytes) -> bool:
         """Write ``data`` now; False when the client reads slower than that: ``drain()``."""
 

@@ -33,7 +33,7 @@ from .exchange import (
     record_unanswered,
     store_answer,
 )
-from .streaming import relay_stream
+from .streaming import ChatStream
 
 __all__ = ["CHAT", "COMPLETIONS", "EMBEDDINGS", "handle", "serve"]
 
@@ -189,11 +189,17 @@ async def _from_upstream(outlet: Outlet, exchange: Exchange) -> WholeResponse | 
     trail = exchange.trail
     try:
         if exchange.stream:
-            opened = await runtime.relay.open_stream(
-                path, exchange.plan, exchange.body, exchange.scope, trail
-            )
+            streamed = ChatStream(outlet, exchange)
+            try:
+                opened = await runtime.relay.open_stream(
+                    path, exchange.plan, exchange.body, exchange.scope, trail, streamed.on_commit
+                )
+            except (ConnectionError, asyncio.CancelledError):
+                if streamed.began:  # the client went away as the answer began, in the callback
+                    await streamed.abandon()
+                raise
             if isinstance(opened, OpenStream):
-                await relay_stream(outlet, exchange, opened)
+                await streamed.relay(opened)
                 return None
             return await _respond_answer(exchange, opened)
         answer = await runtime.relay.call(path, exchange.plan, exchange.body, exchange.scope, trail)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 import orjson
@@ -23,27 +23,84 @@ from .context import Outlet, PushOutlet
 from .exchange import Exchange, StreamTally, record_stream_end, store_answer
 
 
-async def relay_stream(outlet: Outlet, exchange: Exchange, stream: OpenStream) -> None:
-    """Forward a committed stream chunk by chunk; its ledger line goes out before ``[DONE]``."""
-    events = _Events(exchange, stream)
-    headers = exchange.base_headers(stream.target, len(stream.attempts), exchange.cache_header)
-    exchange.info.status = 200
-    try:
-        await outlet.start_stream(headers)
-        # Events that came in one read go out in one write: one syscall, not one per event.
-        batch: list[bytes] = []
+class ChatStream:
+    """A chat or completions answer streamed from its upstream stream, with its one ledger line
+    before ``[DONE]``.
+
+    On the lean front the answer begins at the stream's commit point itself, inside the
+    upstream's read callback (``on_commit``): the head, the held chunks and the first content go
+    out in one write, with no wait for the request's task to get its turn on a busy loop. On
+    aiohttp's server it begins once ``Relay.open_stream`` has returned the stream."""
+
+    __slots__ = ("outlet", "pushed", "exchange", "stream", "events", "batch", "pump")
+
+    def __init__(self, outlet: Outlet, exchange: Exchange) -> None:
+        self.outlet = outlet
+        self.pushed = outlet.pushed()
+        self.exchange = exchange
+        self.stream: OpenStream | None = None
+        self.events: _Events | None = None
+        self.batch: list[bytes] = []  # events that came in one read go out in one write
+        self.pump: _Pump | None = None
+
+    @property
+    def on_commit(self) -> Callable[[OpenStream], None] | None:
+        """For ``Relay.open_stream``: begins the answer in the read callback, where it can."""
+        return None if self.pushed is None else self._begin_pushed
+
+    @property
+    def began(self) -> bool:
+        return self.stream is not None
+
+    async def relay(self, stream: OpenStream) -> None:
+        """Forward the committed ``stream`` to its end; its ledger line goes out before
+        ``[DONE]``."""
+        try:
+            pump = self.pump
+            if pump is None:
+                events = self._begin(stream)
+                await self.outlet.start_stream(self._headers(stream))
+                outcome = await forward(self.outlet, events, self.batch)
+            else:
+                assert self.events is not None
+                events = self.events
+                outcome = _settle(stream, await pump.outcome())
+            await _finish_stream(self.exchange, stream, self.outlet, outcome, events, self.batch)
+        except (ConnectionError, asyncio.CancelledError):
+            await self.abandon()
+            raise
+
+    async def abandon(self) -> None:
+        """The client went away after the answer began: drop the upstream, keep one line."""
+        stream, exchange = self.stream, self.exchange
+        assert stream is not None
+        stream.close()
+        if not exchange.recorded:  # a client gone after the line was written keeps that line
+            stream.attempts[-1].reason = "client cancelled"
+            tally = self.events.tally if self.events is not None else StreamTally()
+            await asyncio.shield(_record_stream(exchange, stream, "client_cancelled", tally))
+
+    def _begin(self, stream: OpenStream) -> _Events:
+        self.stream = stream
+        events = self.events = _Events(self.exchange, stream)
+        self.exchange.info.status = 200
+        batch = self.batch
         for held, held_chunk in stream.held:
             out = _outgoing(held, held_chunk, events.tally, events.assembler, events.wants_usage)
             if out is not None:
                 batch.append(out)
-        outcome = await forward(outlet, events, batch)
-        await _finish_stream(exchange, stream, outlet, outcome, events, batch)
-    except (ConnectionError, asyncio.CancelledError):
-        stream.close()
-        if not exchange.recorded:  # a client gone after the line was written keeps that line
-            stream.attempts[-1].reason = "client cancelled"
-            await asyncio.shield(_record_stream(exchange, stream, "client_cancelled", events.tally))
-        raise
+        return events
+
+    def _begin_pushed(self, stream: OpenStream) -> None:
+        outlet = self.pushed
+        assert outlet is not None
+        events = self._begin(stream)
+        outlet.begin_stream(self._headers(stream))
+        self.pump = _Pump.start(outlet, events, self.batch)
+
+    def _headers(self, stream: OpenStream) -> dict[str, str]:
+        exchange = self.exchange
+        return exchange.base_headers(stream.target, len(stream.attempts), exchange.cache_header)
 
 
 class StreamEvents(Protocol):
@@ -71,9 +128,14 @@ async def forward(outlet: Outlet, events: StreamEvents, batch: list[bytes]) -> s
     stream = events.stream
     pushed = outlet.pushed()
     if pushed is not None:
-        outcome = await _push(pushed, stream.response, events, batch)
+        outcome = await _Pump.start(pushed, events, batch).outcome()
     else:
         outcome = await _pull(outlet, stream, events, batch)
+    return _settle(stream, outcome)
+
+
+def _settle(stream: OpenStream, outcome: str) -> str:
+    """Let a stream's upstream go: pooled when it ended well, dropped otherwise."""
     if outcome == "ok":
         stream.finish()
     else:
@@ -137,25 +199,6 @@ async def _pull(
             return outcome
 
 
-async def _push(
-    outlet: PushOutlet, response: H1Response, events: StreamEvents, batch: list[bytes]
-) -> str:
-    """Relay each read from inside the upstream's read callback (the lean front): no task
-    wakes per chunk. What is left on ``batch`` at the end goes out after the ledger line."""
-    pump = _Pump(outlet, response, events, batch)
-    try:
-        for payload in _drained(events.stream.pending):
-            outcome = events.relay(payload, batch)
-            if outcome is not None:
-                return outcome
-        response.push_to(pump)
-        if batch and not pump.done.done():
-            pump.send()
-        return await pump.done
-    finally:
-        pump.close()
-
-
 def _drained(pending: deque[bytes]) -> Iterator[bytes]:
     while pending:
         yield pending.popleft()
@@ -176,6 +219,30 @@ class _Pump:
         self.done: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._draining: asyncio.Task[None] | None = None
 
+    @classmethod
+    def start(cls, outlet: PushOutlet, events: StreamEvents, batch: list[bytes]) -> _Pump:
+        """Relay the events already read, then each read from inside the upstream's read
+        callback: no task wakes per chunk. What is left on ``batch`` at the end goes out
+        after the ledger line."""
+        stream = events.stream
+        pump = cls(outlet, stream.response, events, batch)
+        for payload in _drained(stream.pending):
+            outcome = events.relay(payload, batch)
+            if outcome is not None:
+                pump.done.set_result(outcome)
+                return pump
+        stream.response.push_to(pump)
+        if batch and not pump.done.done():
+            pump.send()
+        return pump
+
+    async def outcome(self) -> str:
+        """The stream's outcome, once it ended."""
+        try:
+            return await self.done
+        finally:
+            self.close()
+
     def on_data(self, data: bytes) -> None:
         done = self.done
         if done.done():
@@ -191,7 +258,7 @@ class _Pump:
                 self.send()
         except UpstreamError as exc:
             done.set_result(events.cut(exc.reason))
-        except Exception as exc:  # the client went away, or a bug: relay_stream raises it
+        except Exception as exc:  # the client went away, or a bug: the relay raises it
             done.set_exception(exc)
 
     def on_end(self, error: Exception | None) -> None:
