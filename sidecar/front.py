@@ -36,7 +36,6 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 from multidict import CIMultiDict
 
-from . import eager
 from .app import GUARD, Guard, error_answer, redact_body
 from .handlers import model, models, responses
 from .handlers.context import Incoming, Serve, WholeResponse, new_request_info
@@ -236,7 +235,7 @@ class Connection(RequestHandler):
             return
         self._buffer += data
         if self._task is None:
-            self._next_request(eagerly=True)
+            self._next_request()
         elif len(self._buffer) > PIPELINE_BUFFER and not self._read_paused:
             self._read_paused = True
             if self.transport is not None:
@@ -294,9 +293,7 @@ class Connection(RequestHandler):
 
     # -- the lean front ------------------------------------------------------------------------
 
-    def _next_request(self, *, eagerly: bool = False) -> None:
-        """Start serving the next whole request in the buffer, if there is one: ``eagerly``, up
-        to its first wait in this callback (``eager.py``), else as a task."""
+    def _next_request(self) -> None:
         buffer = self._buffer
         head = self._pending
         if head is None:
@@ -320,12 +317,7 @@ class Connection(RequestHandler):
         self._pending = None
         body = bytes(buffer[head.body_start : head.end])
         del buffer[: head.end]
-        if eagerly:
-            task = eager.start(self._loop, self._serve(head, body))
-            if task is not None:  # else it finished at once, and may have started the next one
-                self._task = task
-        else:
-            self._task = self._loop.create_task(self._serve(head, body))
+        self._task = self._loop.create_task(self._serve(head, body))
 
     def _hand_over(self) -> None:
         """aiohttp serves this connection from here on, starting with the bytes held."""
@@ -390,7 +382,7 @@ class Connection(RequestHandler):
             self._read_paused = False
             self.transport.resume_reading()
         if self._buffer:
-            self._next_request()  # as a task: pipelined requests answered at once must not nest
+            self._next_request()
 
     def _send_whole(self, whole: WholeResponse, redactor: Any, keep_alive: bool) -> None:
         body = whole.body if whole.status < 400 else redact_body(whole.body, redactor)

@@ -751,23 +751,20 @@ class H1Pool:
         if self._tls and self._ssl is None:
             self._ssl = ssl.create_default_context()
         try:
-            # Not ``asyncio.timeout``: a request may come here before it is in a task (eager.py).
-            return await asyncio.wait_for(self._connect_any(loop), self._connect_timeout_s)
+            async with asyncio.timeout(self._connect_timeout_s):
+                if self._literal:
+                    return await self._open(loop, 0, self._host, self._port)
+                failure = OSError(errno.EHOSTUNREACH, f"no address found for {self._host}")
+                for family, host, port in await self._resolved(loop):
+                    try:
+                        return await self._open(loop, family, host, port)
+                    except OSError as exc:
+                        failure = exc
+                self._addresses_until = 0.0  # none answered: look the name up again next time
+                raise failure
         except TimeoutError:
             timeout = f"timed out after {self._connect_timeout_s:g}s"
             raise OSError(errno.ETIMEDOUT, timeout) from None
-
-    async def _connect_any(self, loop: asyncio.AbstractEventLoop) -> _Connection:
-        if self._literal:
-            return await self._open(loop, 0, self._host, self._port)
-        failure = OSError(errno.EHOSTUNREACH, f"no address found for {self._host}")
-        for family, host, port in await self._resolved(loop):
-            try:
-                return await self._open(loop, family, host, port)
-            except OSError as exc:
-                failure = exc
-        self._addresses_until = 0.0  # none answered: look the name up again next time
-        raise failure
 
     async def _open(
         self, loop: asyncio.AbstractEventLoop, family: int, host: str, port: int

@@ -8,14 +8,12 @@ import asyncio
 import io
 import json
 import random
-import sys
 from typing import Any
 
 import openai
 import orjson
 import pytest
 
-from sidecar import h1
 from sidecar.app import create_app
 from sidecar.front import DaemonRunner, head_bytes, parse_head
 from sidecar.log import RequestLog
@@ -162,49 +160,6 @@ async def test_pipelined_requests_are_answered_in_order_on_one_connection(alpha)
     assert sse_text(answers[1].body) == "second part"
     assert answers[1].body.endswith(b"data: [DONE]\n\n")
     assert answers[2].json()["choices"][0]["message"]["content"] == "third"
-
-
-async def test_a_request_goes_upstream_from_the_read_callback_that_completed_it(
-    alpha, monkeypatch
-):
-    """A lean request starts at once (``eager.py``): its upstream request is written in the
-    callback that read the client's request, not after a task's first turn on the loop."""
-    fake, sidecar = alpha
-    written_in: list[asyncio.Task[Any] | None] = []
-    send = h1._Connection.send
-
-    def spy(self: h1._Connection, *args: Any, **kwargs: Any) -> Any:
-        written_in.append(asyncio.current_task())
-        return send(self, *args, **kwargs)
-
-    monkeypatch.setattr(h1._Connection, "send", spy)
-    fake.script(ok(), ok(content="at once"), ok(content="streamed"))
-    client = sidecar.client()
-    await client.chat.completions.create(**CHAT)  # opens the upstream connection (in a task)
-    answer = await client.chat.completions.create(**CHAT)
-    chunks = await client.chat.completions.create(**CHAT, stream=True)
-    text = "".join([c.choices[0].delta.content or "" async for c in chunks if c.choices])
-    assert answer.choices[0].message.content == "at once" and text == "streamed"
-    if sys.version_info < (3, 12):
-        assert written_in[1:] == [None, None]  # no task: the client's read callback
-
-
-async def test_many_pipelined_requests_answered_at_once_are_answered_in_order(alpha):
-    """Requests that are answered without waiting (an unknown model) do not nest: the next
-    pipelined one starts as a task."""
-    _, sidecar = alpha
-    reader, writer = await connect(sidecar)
-    count = 400
-    writer.write(
-        b"".join(
-            post(body={**CHAT, "model": "no-such-model"}, extra=f"X-Request-Id: r{n}\r\n")
-            for n in range(count)
-        )
-    )
-    answers = [await read_answer(reader) for _ in range(count)]
-    writer.close()
-    assert [a.headers["x-request-id"] for a in answers] == [f"r{n}" for n in range(count)]
-    assert {(a.status, a.json()["error"]["code"]) for a in answers} == {(404, "model_not_found")}
 
 
 @pytest.mark.parametrize("seed", range(4))
