@@ -41,6 +41,7 @@ from .handlers import model, models, responses
 from .handlers.context import Incoming, Serve, WholeResponse, new_request_info
 from .handlers.exchange import Surface
 from .log import get_logger
+from .pacing import Pacer
 from .sweep import DeadlineSweep
 from .wire import SSE_TYPE
 
@@ -215,6 +216,9 @@ class Connection(RequestHandler):
         self._stream_head: bytes | None = None
         self._head_sent = False
         self._keep_alive = True
+        self._pacer = manager.pacer
+        self._stream_open = False  # counted by the pacer
+        self._held: list[bytes] = []  # frames the pacer holds back
 
     # -- the connection ------------------------------------------------------------------------
 
@@ -362,6 +366,10 @@ class Connection(RequestHandler):
             raise
         finally:
             in_flight.dec()
+            if self._stream_open:
+                self._stream_open = False
+                self._held.clear()
+                self._pacer.closed()
             status = info.status or (whole.status if whole is not None else 499)
             route = head.route
             path = route.path or endpoint
@@ -401,6 +409,9 @@ class Connection(RequestHandler):
         self.begin_stream(headers)
 
     def begin_stream(self, headers: dict[str, str]) -> None:
+        if not self._stream_open:
+            self._stream_open = True
+            self._pacer.opened()
         close = "" if self._keep_alive else "Connection: close\r\n"
         tail = (
             f"Content-Type: {SSE_TYPE}\r\nTransfer-Encoding: chunked\r\n"
@@ -420,6 +431,28 @@ class Connection(RequestHandler):
             self._send(b"%x\r\n%b\r\n" % (len(data), data))
         return not self._paused
 
+    def send_paced(self, data: bytes) -> bool:
+        pacer = self._pacer
+        if not pacer.busy or self._stream_head is not None:
+            return self.send_now(data)
+        if data:
+            transport = self.transport
+            if transport is None or transport.is_closing():
+                raise ConnectionResetError("the client closed the connection")
+            if not self._held:
+                pacer.hold(self)
+            self._held.append(b"%x\r\n%b\r\n" % (len(data), data))
+        return not self._paused
+
+    def flush(self) -> None:
+        """The pacer's tick: send the frames it held back."""
+        held = self._held
+        if held:
+            transport = self.transport
+            if transport is not None and not transport.is_closing():
+                transport.write(b"".join(held))
+            held.clear()
+
     async def drain(self) -> None:
         if self._paused:
             await self._drain_helper()
@@ -435,6 +468,10 @@ class Connection(RequestHandler):
             frame = self._stream_head + frame
             self._stream_head = None
             self._head_sent = True
+        elif self._held:
+            self._held.append(frame)
+            frame = b"".join(self._held)
+            self._held.clear()
         transport.write(frame)
 
 
@@ -452,6 +489,7 @@ class FrontServer(web.Server):
         self.header_timeout_s = header_timeout_s
         self.guard: Guard | None = app.get(GUARD)
         self.date = HttpDate()
+        self.pacer = Pacer(self._loop)
         self.deadlines: DeadlineSweep[Connection] = DeadlineSweep(
             header_timeout_s, since=_head_since, expire=Connection.expire, clock=self._loop.time
         )

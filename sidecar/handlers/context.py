@@ -98,6 +98,10 @@ class PushOutlet(Outlet, Protocol):
     def send_now(self, data: bytes) -> bool:
         """Write ``data`` now; False when the client reads slower than that: ``drain()``."""
 
+    def send_paced(self, data: bytes) -> bool:
+        """``send_now``; or, while the loop runs late, held for a moment and sent with the next
+        (``pacing.py``). For a stream's writes after its first content."""
+
     async def drain(self) -> None: ...
 
 

@@ -233,7 +233,7 @@ class _Pump:
                 return pump
         stream.response.push_to(pump)
         if batch and not pump.done.done():
-            pump.send()
+            pump.send(paced=False)  # the first content, at once
         return pump
 
     async def outcome(self) -> str:
@@ -271,10 +271,11 @@ class _Pump:
         else:
             self.done.set_result(self.events.unfinished())  # a clean end before the last event
 
-    def send(self) -> None:
+    def send(self, *, paced: bool = True) -> None:
         data = b"".join(self.batch)
         self.batch.clear()
-        if not self.outlet.send_now(data):
+        outlet = self.outlet
+        if not (outlet.send_paced(data) if paced else outlet.send_now(data)):
             self.response.set_reading(False)  # the client reads slower: hold the upstream
             self._draining = asyncio.get_running_loop().create_task(self._drain())
 
