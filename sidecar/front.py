@@ -436,9 +436,7 @@ class Connection(RequestHandler):
         if not pacer.busy or self._stream_head is not None:
             return self.send_now(data)
         if data:
-            transport = self.transport
-            if transport is None or transport.is_closing():
-                raise ConnectionResetError("the client closed the connection")
+            self._open_transport()  # a client gone raises here, as on a write
             if not self._held:
                 pacer.hold(self)
             self._held.append(b"%x\r\n%b\r\n" % (len(data), data))
@@ -460,10 +458,14 @@ class Connection(RequestHandler):
     async def write_eof(self, data: bytes) -> None:
         self._send(b"%x\r\n%b\r\n0\r\n\r\n" % (len(data), data) if data else _LAST_CHUNK)
 
-    def _send(self, frame: bytes) -> None:
+    def _open_transport(self) -> asyncio.Transport:
         transport = self.transport
         if transport is None or transport.is_closing():
             raise ConnectionResetError("the client closed the connection")
+        return transport
+
+    def _send(self, frame: bytes) -> None:
+        transport = self._open_transport()
         if self._stream_head is not None:
             frame = self._stream_head + frame
             self._stream_head = None

@@ -100,7 +100,7 @@ class PushOutlet(Outlet, Protocol):
 
     def send_paced(self, data: bytes) -> bool:
         """``send_now``; or, while the loop runs late, held for a moment and sent with the next
-        (``pacing.py``). For a stream's writes after its first content."""
+        (``pacing.py``). The write that carries the stream's head always goes out at once."""
 
     async def drain(self) -> None: ...
 

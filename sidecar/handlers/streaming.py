@@ -233,7 +233,7 @@ class _Pump:
                 return pump
         stream.response.push_to(pump)
         if batch and not pump.done.done():
-            pump.send(paced=False)  # the first content, at once
+            pump.send()
         return pump
 
     async def outcome(self) -> str:
@@ -271,11 +271,10 @@ class _Pump:
         else:
             self.done.set_result(self.events.unfinished())  # a clean end before the last event
 
-    def send(self, *, paced: bool = True) -> None:
+    def send(self) -> None:
         data = b"".join(self.batch)
         self.batch.clear()
-        outlet = self.outlet
-        if not (outlet.send_paced(data) if paced else outlet.send_now(data)):
+        if not self.outlet.send_paced(data):
             self.response.set_reading(False)  # the client reads slower: hold the upstream
             self._draining = asyncio.get_running_loop().create_task(self._drain())
 
